@@ -1,0 +1,174 @@
+"""Finding the retina (a bright disc on black) and cropping a square around it.
+
+The reference builder (TFDS ``diabetic_retinopathy_detection``) estimates the radius from
+the middle row and assumes the eye is centred; the Pisa report crops to the bounding box of
+a threshold. Both go wrong when the frame clips the disc at top and bottom (common in
+EyePACS), when the disc is off-centre, or when a notch marker or glare touches the edge.
+Here the disc edge is fitted with a circle, using only edge points that are not on the
+frame, with outliers (notches, glare) trimmed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+# The fit runs on a thumbnail: ~300 px across is plenty for a circle fit to <1 % and costs
+# well under a millisecond.
+THUMB_LONG_SIDE = 320
+
+
+class NoRetina(Exception):
+    """No fundus disc in the frame; ``str()`` is the human reason."""
+
+
+@dataclass(frozen=True)
+class Circle:
+    """The retina: centre (cx, cy) and radius r, in pixels of the image it was found in."""
+
+    cx: float
+    cy: float
+    r: float
+
+    def scaled(self, s: float) -> Circle:
+        return Circle(self.cx * s, self.cy * s, self.r * s)
+
+
+def find_retina(rgb: np.ndarray) -> Circle:
+    """Locate the retina disc in an RGB photo.
+
+    Args:
+      rgb: HxWx3 uint8.
+    Returns:
+      The fitted circle in ``rgb``'s pixel coordinates.
+    Raises:
+      NoRetina: black or blank frames, and frames whose bright region is not a disc.
+    """
+    h, w = rgb.shape[:2]
+    # Nearest-neighbour subsampling: the mask is thresholded and opened afterwards, so
+    # averaging buys nothing here, and area reduction cost more than the whole fit (~1.3 ms).
+    k = max(1, -(-max(h, w) // THUMB_LONG_SIDE))
+    thumb = rgb if k == 1 else cv2.resize(rgb, (w // k, h // k), interpolation=cv2.INTER_NEAREST)
+    scale_x, scale_y = w / thumb.shape[1], h / thumb.shape[0]
+    # The brightest channel (usually red) separates retina from black border best, and keeps
+    # working on dark, blue-tinted or over-exposed photos.
+    gray = cv2.max(cv2.max(thumb[:, :, 0], thumb[:, :, 1]), thumb[:, :, 2])
+    mask = _disc_mask(gray)
+    circle = _fit_circle(mask)
+    _check_disc(mask, circle)
+    return Circle(circle.cx * scale_x, circle.cy * scale_y, circle.r * (scale_x + scale_y) / 2)
+
+
+def _disc_mask(gray: np.ndarray) -> np.ndarray:
+    cdf = np.cumsum(np.bincount(gray.ravel(), minlength=256)) / gray.size
+    lo, hi = int(np.searchsorted(cdf, 0.01)), int(np.searchsorted(cdf, 0.99))
+    if hi - lo < 12:
+        raise NoRetina("no retina: blank or black frame (no contrast)")
+    # Dark photos have a retina only a little brighter than the border: threshold relative
+    # to the measured background and the bright end, not a fixed grey level.
+    thr = lo + max(6.0, 0.08 * (hi - lo))
+    mask = (gray > thr).astype(np.uint8)
+    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    if n < 2:
+        raise NoRetina("no retina: nothing brighter than the background")
+    largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    mask = (labels == largest).astype(np.uint8)
+    # Fill holes (dark lesions, vessels, the macula) by drawing the outer contour filled.
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    filled = np.zeros_like(mask)
+    cv2.drawContours(filled, contours, -1, 1, thickness=cv2.FILLED)
+    return filled
+
+
+def _fit_circle(mask: np.ndarray) -> Circle:
+    h, w = mask.shape
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    pts = max(contours, key=len).reshape(-1, 2).astype(np.float64)
+    # Edge points on (or next to) the frame are where the frame clipped the disc: not its edge.
+    m = 2
+    on_frame = (pts[:, 0] <= m) | (pts[:, 1] <= m) | (pts[:, 0] >= w - 1 - m) | (
+        pts[:, 1] >= h - 1 - m)
+    pts = pts[~on_frame]
+    if len(pts) < 20:
+        raise NoRetina("no retina: no disc edge visible (bright region fills the frame)")
+    keep = np.ones(len(pts), bool)
+    for _ in range(4):
+        cx, cy, r = _kasa(pts[keep])
+        resid = np.abs(np.hypot(pts[:, 0] - cx, pts[:, 1] - cy) - r)
+        # Trim notches and glare bulges: they sit outside a few pixels of the circle.
+        mad = np.median(resid[keep])
+        new_keep = resid <= max(1.5, 3.0 * 1.4826 * mad)
+        if new_keep.sum() < 20 or np.array_equal(new_keep, keep):
+            break
+        keep = new_keep
+    # Contour pixels lie on the last inside pixel; the true edge is half a pixel further out.
+    return Circle(cx, cy, r + 0.5)
+
+
+def _kasa(pts: np.ndarray) -> tuple[float, float, float]:
+    """Algebraic least-squares circle fit: x^2 + y^2 + D x + E y + F = 0."""
+    x, y = pts[:, 0], pts[:, 1]
+    a = np.column_stack([x, y, np.ones_like(x)])
+    b = -(x * x + y * y)
+    (d, e, f), *_ = np.linalg.lstsq(a, b, rcond=None)
+    cx, cy = -d / 2, -e / 2
+    r2 = cx * cx + cy * cy - f
+    if not np.isfinite(r2) or r2 <= 0:
+        raise NoRetina("no retina: bright region is not disc-shaped")
+    return float(cx), float(cy), float(np.sqrt(r2))
+
+
+def _check_disc(mask: np.ndarray, c: Circle) -> None:
+    h, w = mask.shape
+    if c.r < 0.15 * min(h, w) or c.r > 1.5 * max(h, w):
+        raise NoRetina(f"no retina: implausible disc radius {c.r:.0f} px in a {w}x{h} frame")
+    if not (-0.25 * w <= c.cx <= 1.25 * w and -0.25 * h <= c.cy <= 1.25 * h):
+        raise NoRetina("no retina: fitted disc centre lies outside the frame")
+    disc = np.zeros_like(mask)
+    cv2.circle(disc, (round(c.cx * 16), round(c.cy * 16)), round(c.r * 16), 1,
+               thickness=cv2.FILLED, lineType=cv2.LINE_8, shift=4)
+    inter = int(np.count_nonzero(disc & mask))
+    union = int(np.count_nonzero(disc | mask))
+    iou = inter / max(union, 1)
+    # A fundus disc agrees with its fitted circle to IoU ~0.97+; photos of other things don't.
+    if iou < 0.85:
+        raise NoRetina(f"no retina: bright region is not disc-shaped (circle IoU {iou:.2f})")
+
+
+def crop_to_retina(rgb: np.ndarray, circle: Circle, size: int) -> tuple[np.ndarray, float]:
+    """Square crop centred on the disc, side = its diameter, resized to ``size``.
+
+    Where the frame clipped the disc the square is padded with black, so the disc stays
+    round and centred. Area interpolation when shrinking (it averages, so no aliasing of
+    fine vessels); cubic if the disc is smaller than ``size`` (rare: see choose_dct_factor).
+
+    Returns:
+      (size x size x 3 uint8, the disc radius in output pixels).
+    """
+    h, w = rgb.shape[:2]
+    side = max(1, round(2 * circle.r))
+    x0, y0 = round(circle.cx - side / 2), round(circle.cy - side / 2)
+    # Only the part of the square inside the frame is resized, straight into a black output:
+    # no padded copy of the full-size square (the clipped bands would be resized for nothing).
+    sx0, sy0 = max(x0, 0), max(y0, 0)
+    sx1, sy1 = min(x0 + side, w), min(y0 + side, h)
+    s = size / side
+    ox0, oy0 = round((sx0 - x0) * s), round((sy0 - y0) * s)
+    ox1, oy1 = round((sx1 - x0) * s), round((sy1 - y0) * s)
+    if (ox0, oy0, ox1, oy1) == (0, 0, size, size):
+        out = None
+    else:
+        out = np.zeros((size, size, 3), np.uint8)
+    if ox1 > ox0 and oy1 > oy0:
+        interp = cv2.INTER_AREA if side >= size else cv2.INTER_CUBIC
+        part = cv2.resize(rgb[sy0:sy1, sx0:sx1], (ox1 - ox0, oy1 - oy0), interpolation=interp)
+        if out is None:
+            out = part
+        else:
+            out[oy0:oy1, ox0:ox1] = part
+    elif out is None:
+        out = np.zeros((size, size, 3), np.uint8)
+    return out, circle.r * size / side
