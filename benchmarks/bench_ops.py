@@ -69,7 +69,7 @@ def main() -> None:
         contenders["tfds"] = lambda p, d: ref._btgraham_processing(
             io.BytesIO(d), str(p), 300, crop_to_radius=True)
 
-    for name, fn in contenders.items():  # warm-up: imports, caches, page faults
+    for fn in contenders.values():  # warm-up: imports, caches, page faults
         fn(*photos[0])
 
     names = list(contenders)

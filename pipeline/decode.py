@@ -128,7 +128,7 @@ def read_info(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
 def _exif_orientation(data: bytes) -> int:
     # EXIF lives in an APP1 segment near the start; most fundus JPEGs have none, and looking
     # for its signature is cheaper than letting Pillow parse the headers (~0.2 ms).
-    if b"Exif\x00\x00" not in data[:65536] and b"eXIf" not in data[:65536]:
+    if data[:3] == b"\xff\xd8\xff" and b"Exif\x00\x00" not in data[:65536]:
         return 1
     # Image.open parses headers lazily; getexif() reads the APP1/IFD0 only.
     try:

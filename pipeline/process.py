@@ -98,16 +98,15 @@ def prepare(data: bytes, config: ProcessConfig) -> Prepared:
         factor //= 2
     # Exact scale of this decode (libjpeg rounds reduced sizes up).
     scale = up_w / decoded.shape[1]
-    square, radius = crop_to_retina(decoded, circle, config.size)
-    image = get_filter(config.filter, config.filter_params)(square, radius)
+    crop = crop_to_retina(decoded, circle, config.size)
+    image = get_filter(config.filter, config.filter_params)(crop.image, crop.radius, crop.frame)
     return Prepared(info, decoded, factor, circle.scaled(scale), image)
 
 
-def process(data: bytes, config: ProcessConfig = ProcessConfig()) -> ProcessedImage | Rejection:
-    """Verify, decode, find the retina, crop, resize, filter and encode one photo."""
+def prepare_or_reject(data: bytes, config: ProcessConfig) -> Prepared | Rejection:
+    """:func:`prepare`, with every failure turned into a Rejection. Never raises."""
     try:
-        p = prepare(data, config)
-        encoded = encode(p.image, config.format, config.quality)
+        return prepare(data, config)
     except dec.ImageError as e:
         return Rejection(e.code, e.detail)
     except NoRetina as e:
@@ -116,6 +115,13 @@ def process(data: bytes, config: ProcessConfig = ProcessConfig()) -> ProcessedIm
         return Rejection("too_large", "out of memory while decoding")
     except Exception as e:  # noqa: BLE001 - one odd photo must not stop a 10-hour job
         return Rejection("internal_error", f"{type(e).__name__}: {e}")
+
+
+def process(data: bytes, config: ProcessConfig = ProcessConfig()) -> ProcessedImage | Rejection:
+    """Verify, decode, find the retina, crop, resize, filter and encode one photo."""
+    p = prepare_or_reject(data, config)
+    if isinstance(p, Rejection):
+        return p
     up_w, up_h = p.info.upright_size
-    return ProcessedImage(encoded, config.format, config.size, config.size, up_w, up_h,
-                          p.circle, p.factor)
+    return ProcessedImage(encode(p.image, config.format, config.quality), config.format,
+                          config.size, config.size, up_w, up_h, p.circle, p.factor)

@@ -5,7 +5,8 @@ the middle row and assumes the eye is centred; the Pisa report crops to the boun
 a threshold. Both go wrong when the frame clips the disc at top and bottom (common in
 EyePACS), when the disc is off-centre, or when a notch marker or glare touches the edge.
 Here the disc edge is fitted with a circle, using only edge points that are not on the
-frame, with outliers (notches, glare) trimmed.
+frame, and only those on the circle most of the edge agrees with (RANSAC), so notches,
+glare and shadow bands do not pull it.
 """
 
 from __future__ import annotations
@@ -94,18 +95,42 @@ def _fit_circle(mask: np.ndarray) -> Circle:
     pts = pts[~on_frame]
     if len(pts) < 20:
         raise NoRetina("no retina: no disc edge visible (bright region fills the frame)")
-    keep = np.ones(len(pts), bool)
-    for _ in range(4):
-        cx, cy, r = _kasa(pts[keep])
-        resid = np.abs(np.hypot(pts[:, 0] - cx, pts[:, 1] - cy) - r)
-        # Trim notches and glare bulges: they sit outside a few pixels of the circle.
-        mad = np.median(resid[keep])
-        new_keep = resid <= max(1.5, 3.0 * 1.4826 * mad)
-        if new_keep.sum() < 20 or np.array_equal(new_keep, keep):
-            break
-        keep = new_keep
+    inliers = _ransac_inliers(pts)
+    if inliers.sum() < 20:
+        raise NoRetina("no retina: bright region is not disc-shaped")
+    cx, cy, r = _kasa(pts[inliers])
     # Contour pixels lie on the last inside pixel; the true edge is half a pixel further out.
     return Circle(cx, cy, r + 0.5)
+
+
+RANSAC_TRIALS = 192
+
+
+def _ransac_inliers(pts: np.ndarray) -> np.ndarray:
+    """Edge points on the circle most of the edge agrees with.
+
+    Least squares, even trimmed, is pulled by long non-circular runs of edge: a shadow
+    band above the frame's bottom edge, haze bulging the rim, a notch. Here random triples
+    of edge points propose circles (all at once, vectorised: ~0.5 ms), the one with the most
+    points within ~1 % of its radius wins. Seeded, so the result is deterministic.
+    """
+    rng = np.random.default_rng(0)
+    n = len(pts)
+    tri = pts[rng.integers(0, n, (RANSAC_TRIALS, 3))]
+    (ax, ay), (bx, by), (qx, qy) = tri[:, 0].T, tri[:, 1].T, tri[:, 2].T
+    d = 2 * (ax * (by - qy) + bx * (qy - ay) + qx * (ay - by))
+    ok = np.abs(d) > 1e-6
+    d = np.where(ok, d, 1.0)
+    a2, b2, q2 = ax * ax + ay * ay, bx * bx + by * by, qx * qx + qy * qy
+    ux = (a2 * (by - qy) + b2 * (qy - ay) + q2 * (ay - by)) / d
+    uy = (a2 * (qx - bx) + b2 * (ax - qx) + q2 * (bx - ax)) / d
+    r = np.hypot(ax - ux, ay - uy)
+    tol = np.maximum(1.5, 0.012 * r)
+    resid = np.abs(np.hypot(pts[None, :, 0] - ux[:, None], pts[None, :, 1] - uy[:, None])
+                   - r[:, None])
+    score = np.where(ok, (resid < tol[:, None]).sum(axis=1), -1)
+    best = int(np.argmax(score))
+    return resid[best] < tol[best]
 
 
 def _kasa(pts: np.ndarray) -> tuple[float, float, float]:
@@ -138,7 +163,17 @@ def _check_disc(mask: np.ndarray, c: Circle) -> None:
         raise NoRetina(f"no retina: bright region is not disc-shaped (circle IoU {iou:.2f})")
 
 
-def crop_to_retina(rgb: np.ndarray, circle: Circle, size: int) -> tuple[np.ndarray, float]:
+@dataclass(frozen=True)
+class Crop:
+    """The square crop and where things are in it (output pixels)."""
+
+    image: np.ndarray  # size x size x 3 uint8
+    radius: float  # retina radius
+    frame: tuple[int, int, int, int]  # (x0, y0, x1, y1): the part that came from the photo;
+    # outside it is black padding where the photo's frame clipped the disc
+
+
+def crop_to_retina(rgb: np.ndarray, circle: Circle, size: int) -> Crop:
     """Square crop centred on the disc, side = its diameter, resized to ``size``.
 
     Where the frame clipped the disc the square is padded with black, so the disc stays
@@ -146,7 +181,7 @@ def crop_to_retina(rgb: np.ndarray, circle: Circle, size: int) -> tuple[np.ndarr
     fine vessels); cubic if the disc is smaller than ``size`` (rare: see choose_dct_factor).
 
     Returns:
-      (size x size x 3 uint8, the disc radius in output pixels).
+      The crop, the disc radius in output pixels and the in-frame rectangle.
     """
     h, w = rgb.shape[:2]
     side = max(1, round(2 * circle.r))
@@ -171,4 +206,4 @@ def crop_to_retina(rgb: np.ndarray, circle: Circle, size: int) -> tuple[np.ndarr
             out[oy0:oy1, ox0:ox1] = part
     elif out is None:
         out = np.zeros((size, size, 3), np.uint8)
-    return out, circle.r * size / side
+    return Crop(out, circle.r * size / side, (ox0, oy0, ox1, oy1))
