@@ -49,9 +49,11 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
+@lru_cache(maxsize=32)
 def get_filter(spec: str, params: FilterParams = FilterParams()) -> FilterFn:
     """Build the filter named by ``spec``: one registered name or several joined by ``+``,
-    applied left to right. Raises ValueError naming the unknown part."""
+    applied left to right. Raises ValueError naming the unknown part. Cached: a run builds
+    its filter (and OpenCV's CLAHE object) once, not once per photo."""
     parts = [p.strip() for p in spec.split("+") if p.strip()]
     if not parts:
         raise ValueError("empty filter spec")
