@@ -4,10 +4,12 @@ Exit codes (documented in README.md):
   0  the command completed (rejected photos are listed, not failures)
   1  the run failed: a one-line reason on stderr
   2  usage error: a bad option, a missing input
+  3  bad input data: a labels file or source layout that cannot be used as it is
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -25,6 +27,39 @@ class DrpipeError(click.ClickException):
 
     def show(self, file=None):
         click.echo(f"drpipe: error: {self.format_message()}", err=True)
+
+
+class InputDataError(DrpipeError):
+    """Bad labels or an unknown source layout: one line, exit code 3."""
+
+    exit_code = 3
+
+
+def _load_config_file(ctx, param, value):
+    """--config FILE: TOML whose keys are option names (dashes or underscores); command-line
+    options override it."""
+    if value is None:
+        return None
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        data = tomllib.loads(Path(value).read_text())
+    except OSError as e:
+        raise click.BadParameter(f"cannot read {value}: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise click.BadParameter(f"{value}: invalid TOML: {e}") from None
+    known = {p.name for p in ctx.command.params}
+    defaults = {}
+    for key, v in data.items():
+        name = key.replace("-", "_")
+        name = "filter_" if name == "filter" else "fmt" if name == "format" else name
+        if name not in known or name == "config":
+            raise click.BadParameter(f"{value}: unknown option {key!r}")
+        defaults[name] = v
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
 
 
 def _filter_option(f):
@@ -152,6 +187,166 @@ def preview(src, out, size, filter_, quality, clahe_clip, clahe_tiles, limit):
         click.echo(f"rejected {len(rejected)}:")
         for path, rej in rejected:
             click.echo(f"  {path}: {rej}")
+
+
+@main.command()
+@click.option("--config", type=click.Path(exists=True, dir_okay=False), callback=_load_config_file,
+              is_eager=True, expose_value=False,
+              help="TOML file with any of these options (keys as option names).")
+@click.option("--src", type=click.Path(path_type=Path), default="raw", show_default=True,
+              help="Source directory: Kaggle (train/ + trainLabels.csv, test/ + "
+                   "retinopathy_solution.csv), APTOS (train.csv + train_images/), folders "
+                   "0/..4/, or any folder with --labels.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default="shards",
+              show_default=True, help="Output directory for shards, manifest, dataset_info.json.")
+@_process_options
+@click.option("--format", "fmt", type=click.Choice(["jpeg", "png"]), default="jpeg",
+              show_default=True, help="Encoding of the processed photos in the records.")
+@click.option("--split", "split_spec", default="train=0.8,val=0.1,test=0.1", show_default=True,
+              help="Split names and fractions; patients are never divided between splits.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the split and of the record order in shards.")
+@click.option("--shard-size", type=click.FloatRange(0.01), default=128.0, show_default=True,
+              help="Target shard size in MB.")
+@click.option("--workers", type=click.IntRange(1), default=None,
+              help="Worker processes of the local Dask cluster [default: all cores].")
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="Join an existing Dask cluster (e.g. tcp://10.0.0.5:8786) instead of "
+                   "starting a local one; workers must see --src.")
+@click.option("--source", "source_kind", type=click.Choice(["kaggle", "aptos", "folders", "csv"]),
+              default=None, help="Source layout [default: detected].")
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="Labels CSV for any layout (photos matched by file name).")
+@click.option("--id-col", default="image", show_default=True, help="--labels: image id column.")
+@click.option("--label-col", default="level", show_default=True,
+              help="--labels: grade (0-4) column.")
+@click.option("--patient-col", default=None,
+              help="--labels: patient id column [default: from {patient}_{left|right} names].")
+@click.option("--limit", type=click.IntRange(1), default=None,
+              help="A trial on the first N photos (in id order).")
+@click.option("--strict", is_flag=True, help="Fail (exit 1) if any photo is rejected.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing output made with another configuration.")
+@click.option("--quiet", is_flag=True, help="No progress bar and no summary on stdout.")
+@click.option("--summary-json", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the run summary as JSON here.")
+def preprocess(src, out, size, filter_, quality, clahe_clip, clahe_tiles, fmt, split_spec, seed,
+               shard_size, workers, scheduler, source_kind, labels, id_col, label_col,
+               patient_col, limit, strict, overwrite, quiet, summary_json):
+    """Verify, crop, resize and filter every photo in parallel on Dask, split patients
+    safely, and write sharded TFRecords with a manifest that accounts for every photo.
+
+    Re-running resumes an interrupted run (same bytes as an uninterrupted one) and is a
+    no-op on a finished one. Outputs: {split}-{i:05d}-of-{n:05d}.tfrecord,
+    data_manifest.csv, manifest.parquet, dataset_info.json (docs/FORMAT.md).
+    """
+    from tqdm import tqdm
+
+    from pipeline.job import JobConfig, JobError, RunOptions
+    from pipeline.job import run as run_job
+    from pipeline.sources import LabelError, SourceError
+    from pipeline.split import parse_split_spec
+
+    try:
+        ratios = parse_split_spec(split_spec)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--split") from None
+    cfg = JobConfig(src=str(src), out=str(out),
+                    process=make_process_config(size, filter_, quality, clahe_clip,
+                                                clahe_tiles, fmt),
+                    split=ratios, seed=seed, shard_size_mb=shard_size,
+                    source_kind=source_kind, labels=str(labels) if labels else None,
+                    id_col=id_col, label_col=label_col, patient_col=patient_col, limit=limit)
+    opts = RunOptions(workers=workers, scheduler=scheduler, strict=strict,
+                      overwrite=overwrite, quiet=quiet)
+
+    def bar(total, initial):
+        return tqdm(total=total, initial=initial, unit="photo", desc="preprocess",
+                    disable=True if quiet else None, smoothing=0.1)
+    try:
+        summary = run_job(cfg, opts, progress_factory=bar)
+    except (LabelError, SourceError) as e:
+        raise InputDataError(str(e)) from None
+    except JobError as e:
+        raise DrpipeError(str(e)) from None
+    if summary_json:
+        summary_json.write_text(json.dumps(summary, indent=2) + "\n")
+    if not quiet:
+        _print_summary(summary, out)
+    if strict and summary["rejected"]:
+        raise DrpipeError(f"--strict: {summary['rejected']} photo(s) rejected "
+                          f"(reasons in {out / 'data_manifest.csv'})")
+
+
+def _print_summary(s: dict, out: Path) -> None:
+    if s.get("already_complete"):
+        click.echo(f"{out}: already complete ({s['ok']} photos in "
+                   f"{sum(s['shards'].values())} shards); nothing to do")
+        return
+    click.echo(f"{s['ok']} of {s['photos']} photos written to {sum(s['shards'].values())} "
+               f"shards in {out}/ ({s['timings']['total_s']:.1f} s"
+               + (f", {s['photos_per_s']:.1f} photos/s" if s.get("photos_per_s") else "") + ")")
+    for split, grades in s["counts"].items():
+        click.echo(f"  {split:>6}: {sum(grades):6d} photos, grades 0-4: "
+                   + " / ".join(map(str, grades)))
+    if s["rejected"]:
+        reasons = ", ".join(f"{k} {v}" for k, v in s["rejected_by_reason"].items())
+        click.echo(f"  rejected {s['rejected']}: {reasons} (see {out / 'data_manifest.csv'})")
+    if s["labels_without_photo"]:
+        click.echo(f"  labels without a photo: {s['labels_without_photo']}")
+    if s["duplicates"]:
+        click.echo(f"  identical files under different ids: {s['duplicates']} "
+                   "(column duplicate_of)")
+
+
+@main.command()
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              required=True, help="Labels CSV (e.g. Kaggle trainLabels.csv).")
+@click.option("--id-col", default="image", show_default=True, help="Image id column.")
+@click.option("--label-col", default="level", show_default=True, help="Grade (0-4) column.")
+@click.option("--patient-col", default=None,
+              help="Patient id column [default: from {patient}_{left|right} names].")
+@click.option("--split", "split_spec", default="train=0.8,val=0.1,test=0.1", show_default=True,
+              help="Split names and fractions.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="CSV to write: image, patient_id, eye, label, split.")
+def split(labels, id_col, label_col, patient_col, split_spec, seed, out):
+    """Plan a patient-safe stratified split from a labels file alone (no photos needed).
+
+    Uses the same code as preprocess: with the same labels, --split and --seed, the
+    shards get exactly this split.
+    """
+    import csv
+
+    from pipeline.sources import LabelError, read_labels
+    from pipeline.split import assign_splits, parse_split_spec
+
+    try:
+        ratios = parse_split_spec(split_spec)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--split") from None
+    try:
+        rows = read_labels(labels, id_col, label_col, patient_col)
+    except LabelError as e:
+        raise InputDataError(str(e)) from None
+    assignment = assign_splits([(r.image_id, r.patient_id, r.label) for r in rows], ratios, seed)
+    with open(out, "w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["image", "patient_id", "eye", "label", "split"])
+        for r in sorted(rows, key=lambda r: r.image_id):
+            w.writerow([r.image_id, r.patient_id, r.eye, r.label, assignment[r.image_id]])
+    total = [sum(1 for r in rows if r.label == g) for g in range(5)]
+    click.echo(f"{len(rows)} photos of {len({r.patient_id for r in rows})} patients -> {out}")
+    for name in ratios:
+        c = [sum(1 for r in rows if r.label == g and assignment[r.image_id] == name)
+             for g in range(5)]
+        share = " ".join(f"{100 * a / max(sum(c), 1):5.1f}%" for a in c)
+        click.echo(f"  {name:>6}: {sum(c):6d} photos, grades 0-4: "
+                   + " / ".join(map(str, c)) + f"  ({share})")
+    whole = " ".join(f"{100 * a / max(sum(total), 1):5.1f}%" for a in total)
+    click.echo(f"  {'all':>6}: {sum(total):6d} photos, grades 0-4: "
+               + " / ".join(map(str, total)) + f"  ({whole})")
 
 
 def _expand_sources(src) -> list[Path]:

@@ -1,0 +1,494 @@
+"""``drpipe preprocess``: raw photos -> patient-safe splits -> sharded TFRecords + manifest.
+
+The life of a run, and what makes it safe to schedule, kill and re-run:
+
+1. Lock ``--out`` (``flock``: released by the kernel if the process dies) and compare the
+   configuration and the input listing with the state file a previous run left: same ->
+   resume, different -> refuse unless ``--overwrite``; finished -> nothing to do.
+2. Find photos and labels (:mod:`pipeline.sources`) and assign splits from the labels
+   (:mod:`pipeline.split`).
+3. Cut the photos, in id order, into fixed batches (independent of the number of workers)
+   and process them on Dask workers (:func:`process_batch`: bytes in, serialised records
+   and manifest rows out; TensorFlow is never imported there). The client commits each
+   batch to ``.staging/`` atomically; a resumed run skips committed batches.
+4. Order each split's records by a seeded shuffle, cut them into shards of about
+   ``--shard-size`` MB by size alone, and write each shard under a temporary name, renamed
+   when complete. Shards already committed by an interrupted run are identical and kept.
+5. Write the manifest, then ``dataset_info.json`` — its presence marks a finished run — and
+   remove the staging area.
+
+The same inputs and configuration give byte-identical shards and manifest, whatever the
+number of workers or the cluster.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import manifest
+from pipeline.process import ProcessConfig, ProcessedImage, Rejection, process
+from pipeline.sources import Source, detect_source
+from pipeline.split import assign_splits
+from tfrecord_writer.example import serialize_example
+from tfrecord_writer.schema import FEATURES, Record
+from tfrecord_writer.writer import (
+    ShardWriter,
+    atomic_write_bytes,
+    plan_shards,
+    remove_temporaries,
+    shard_name,
+)
+
+BATCH_SIZE = 32  # photos per Dask task: ~1 s of work, small enough to bound memory
+STATE_FILE = ".drpipe-state.json"
+LOCK_FILE = ".drpipe.lock"
+STAGING = ".staging"
+INFO_FILE = "dataset_info.json"
+OWN_FILES = {STATE_FILE, LOCK_FILE, STAGING, INFO_FILE, "data_manifest.csv",
+             "manifest.parquet"}
+
+
+class JobError(RuntimeError):
+    """The run cannot proceed; the message is the one line a user sees."""
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """Everything that determines the output bytes (and nothing that does not)."""
+
+    src: str = "raw"
+    out: str = "shards"
+    process: ProcessConfig = field(default_factory=ProcessConfig)
+    split: dict = field(default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})
+    seed: int = 0
+    shard_size_mb: float = 128.0
+    source_kind: str | None = None
+    labels: str | None = None
+    id_col: str = "image"
+    label_col: str = "level"
+    patient_col: str | None = None
+    limit: int | None = None
+
+    def output_config(self) -> dict:
+        """The configuration as stored with the data (paths made absolute)."""
+        d = dataclasses.asdict(self)
+        d["src"] = str(Path(self.src).resolve())
+        d["labels"] = str(Path(self.labels).resolve()) if self.labels else None
+        del d["out"]
+        return d
+
+    def hash(self) -> str:
+        blob = json.dumps(self.output_config(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass
+class RunOptions:
+    """How to run, not what to produce: never part of the configuration hash."""
+
+    workers: int | None = None
+    scheduler: str | None = None
+    strict: bool = False
+    overwrite: bool = False
+    quiet: bool = False
+
+
+# ---------------------------------------------------------------------------- worker side
+
+
+def process_batch(root: str, items: list[dict], config: ProcessConfig) -> dict:
+    """Process photos on a worker. Returns {"rows": [...], "records": [bytes|None, ...],
+    "maxrss_mb": float, "tensorflow_loaded": bool}. Never raises for a bad photo."""
+    import resource
+
+    import cv2
+
+    cv2.setNumThreads(1)  # one task per worker process: no oversubscription
+    rows, records = [], []
+    for it in items:
+        row = dict(it, status="ok", reason="", sha256="", bytes=None, width=None,
+                   height=None, retina_cx=None, retina_cy=None, retina_r=None)
+        record = None
+        try:
+            data = Path(root, it["path"]).read_bytes()
+        except OSError as e:
+            result = Rejection("unreadable", e.strerror or type(e).__name__)
+        else:
+            row["sha256"] = hashlib.sha256(data).hexdigest()
+            row["bytes"] = len(data)
+            result = process(data, config)
+        if isinstance(result, ProcessedImage):
+            c = result.circle
+            row.update(width=result.original_width, height=result.original_height,
+                       retina_cx=round(c.cx, 2), retina_cy=round(c.cy, 2),
+                       retina_r=round(c.r, 2))
+            if it["label"] is None:
+                row.update(status="rejected", reason="no_label: no label row for this photo")
+            else:
+                record = serialize_example(Record(
+                    result.encoded, result.format, result.height, result.width, it["label"],
+                    it["image_id"], it["patient_id"], it["eye"], row["sha256"]).features())
+        else:
+            row.update(status="rejected", reason=str(result))
+        rows.append(row)
+        records.append(record)
+    return {"rows": rows, "records": records,
+            "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "tensorflow_loaded": "tensorflow" in sys.modules}
+
+
+# ---------------------------------------------------------------------------- client side
+
+
+class _Lock:
+    def __init__(self, out: Path):
+        self.path = out / LOCK_FILE
+        self.f = None
+
+    def __enter__(self):
+        self.f = open(self.path, "a+")
+        try:
+            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.f.seek(0)
+            holder = self.f.read().strip() or "?"
+            self.f.close()
+            raise JobError(f"another drpipe run is writing to {self.path.parent} "
+                           f"(pid {holder}); wait for it or choose another --out") from None
+        self.f.seek(0)
+        self.f.truncate()
+        self.f.write(str(os.getpid()))
+        self.f.flush()
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.f, fcntl.LOCK_UN)
+        self.f.close()
+
+
+def _input_fingerprint(source: Source, photos) -> str:
+    h = hashlib.sha256()
+    for p in photos:
+        try:
+            size = os.stat(source.root / p.path).st_size
+        except OSError:
+            size = -1
+        h.update(f"{p.image_id}\t{p.path}\t{p.label}\t{size}\n".encode())
+    for r in source.labels_without_photo:
+        h.update(f"{r.image_id}\t-\t{r.label}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _prepare_out(out: Path, state: dict, overwrite: bool) -> bool:
+    """Check ``out`` against this run. Returns True if the run is already complete."""
+    state_path = out / STATE_FILE
+    if state_path.exists():
+        try:
+            old = json.loads(state_path.read_text())
+        except (OSError, ValueError):
+            old = {}
+        same = (old.get("config_hash") == state["config_hash"]
+                and old.get("input_hash") == state["input_hash"])
+        if same and not overwrite:
+            return (out / INFO_FILE).exists()
+        if not overwrite:
+            what = ("configuration" if old.get("config_hash") != state["config_hash"]
+                    else "input photos or labels")
+            raise JobError(f"{out} holds a run with a different {what}; use --overwrite to "
+                           "replace it, or choose another --out")
+        _clear(out)
+    else:
+        foreign = [p.name for p in out.iterdir() if p.name not in OWN_FILES
+                   and not p.name.endswith(".tfrecord") and not p.name.endswith(".tmp")]
+        if foreign and not overwrite:
+            raise JobError(f"{out} is not empty and not a drpipe output ({foreign[0]}, ...); "
+                           "choose an empty --out")
+        if overwrite:
+            _clear(out)
+    atomic_write_bytes(state_path, json.dumps(state, indent=2, sort_keys=True).encode())
+    return False
+
+
+def _clear(out: Path) -> None:
+    for p in out.iterdir():
+        if p.name == LOCK_FILE:
+            continue
+        if p.name in OWN_FILES or p.name.endswith((".tfrecord", ".tmp")):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def _start_client(opts: RunOptions):
+    import logging
+
+    from distributed import Client, LocalCluster
+
+    if opts.scheduler:
+        try:
+            client = Client(opts.scheduler, timeout="20s")
+            client.wait_for_workers(1, timeout=60)
+        except Exception as e:  # noqa: BLE001 - many transport errors look alike
+            raise JobError(f"cannot use the Dask scheduler at {opts.scheduler}: "
+                           f"{type(e).__name__}: {e}") from None
+        return client, None
+    n = opts.workers or os.cpu_count() or 1
+    cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                           dashboard_address=None, silence_logs=logging.ERROR)
+    return Client(cluster), cluster
+
+
+def _batches(photos) -> list[list[dict]]:
+    items = [dataclasses.asdict(p) for p in photos]
+    return [items[i:i + BATCH_SIZE] for i in range(0, len(items), BATCH_SIZE)]
+
+
+def _commit_batch(staging: Path, k: int, result: dict) -> None:
+    """Records to batch-k.bin, then rows (with offsets) to batch-k.json: the .json is the
+    commit marker, so a batch counts only when both are whole."""
+    blob, offset = bytearray(), 0
+    rows = []
+    for row, rec in zip(result["rows"], result["records"], strict=True):
+        if rec is not None:
+            row = dict(row, _offset=offset, _length=len(rec))
+            blob += rec
+            offset += len(rec)
+        rows.append(row)
+    atomic_write_bytes(staging / f"batch-{k:06d}.bin", bytes(blob))
+    meta = {"rows": rows, "maxrss_mb": result["maxrss_mb"],
+            "tensorflow_loaded": result["tensorflow_loaded"]}
+    atomic_write_bytes(staging / f"batch-{k:06d}.json", json.dumps(meta).encode())
+
+
+def run(config: JobConfig, opts: RunOptions, progress_factory=None) -> dict:
+    """Run (or resume, or recognise as finished) a preprocessing job. Returns the summary.
+
+    ``progress_factory(total, initial)`` returns a tqdm-like object (update, close).
+    Raises JobError (and LabelError / SourceError from the sources) with one-line reasons.
+    """
+    t0 = time.time()
+    out = Path(config.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise JobError(f"cannot create {out}: {e.strerror or e}") from None
+    if not os.access(out, os.W_OK):
+        raise JobError(f"{out} is not writable")
+    with _Lock(out):
+        source = detect_source(Path(config.src), config.source_kind,
+                               Path(config.labels) if config.labels else None,
+                               config.id_col, config.label_col, config.patient_col)
+        photos = source.photos[:config.limit] if config.limit else source.photos
+        missing = [] if config.limit else source.labels_without_photo
+        state = {"config_hash": config.hash(), "input_hash": _input_fingerprint(source, photos),
+                 "drpipe_version": _version()}
+        if _prepare_out(out, state, opts.overwrite):
+            info = json.loads((out / INFO_FILE).read_text())
+            return dict(info["summary"], already_complete=True)
+
+        # Splits come from the labels alone (drpipe split gives the same), never from
+        # which photos happened to decode.
+        split_rows = [(p.image_id, p.patient_id, p.label) for p in photos if p.label is not None]
+        split_rows += [(r.image_id, r.patient_id, r.label) for r in missing]
+        splits = assign_splits(split_rows, config.split, config.seed)
+
+        staging = out / STAGING
+        staging.mkdir(exist_ok=True)
+        remove_temporaries(staging)
+        remove_temporaries(out)
+        batches = _batches(photos)
+        todo = [k for k in range(len(batches))
+                if not (staging / f"batch-{k:06d}.json").exists()]
+        done_photos = sum(len(batches[k]) for k in range(len(batches)) if k not in set(todo))
+        t_process = time.time()
+        if todo:
+            _process_batches(batches, todo, source.root, config, opts, staging,
+                             progress_factory, done_photos, len(photos))
+        t_shards = time.time()
+
+        rows, peak_rss, tf_loaded = [], 0.0, False
+        for k in range(len(batches)):
+            meta = json.loads((staging / f"batch-{k:06d}.json").read_text())
+            peak_rss = max(peak_rss, meta["maxrss_mb"])
+            tf_loaded |= meta["tensorflow_loaded"]
+            for row in meta["rows"]:
+                row["_batch"] = k
+                rows.append(row)
+        _flag_duplicates(rows)
+        for row in rows:  # rejected photos show the split they would have been in
+            row["split"] = splits.get(row["image_id"], "")
+        shards = _write_shards(rows, config, out, staging)
+        for r in missing:
+            rows.append({"image_id": r.image_id, "path": "", "patient_id": r.patient_id,
+                         "eye": r.eye, "label": r.label, "origin": r.origin,
+                         "status": "rejected", "split": splits.get(r.image_id, ""),
+                         "reason": "missing_file: labelled, but no photo found"})
+        for row in rows:
+            for k in ("_batch", "_offset", "_length"):
+                row.pop(k, None)
+        manifest.write(rows, out)
+        t_end = time.time()
+        summary = _summary(rows, shards, config, len(photos), len(missing), peak_rss,
+                           tf_loaded, timings={"total_s": t_end - t0,
+                                               "setup_s": t_process - t0,
+                                               "process_s": t_shards - t_process,
+                                               "shards_and_manifest_s": t_end - t_shards},
+                           processed_now=sum(len(batches[k]) for k in todo))
+        info = {"name": "drpipe", "drpipe_version": _version(),
+                "features": {k: kind for k, (kind, _) in FEATURES.items()},
+                "splits": shards, "counts": summary["counts"],
+                "config": config.output_config(), "config_hash": config.hash(),
+                "input_hash": state["input_hash"], "summary": summary}
+        atomic_write_bytes(out / INFO_FILE, json.dumps(info, indent=2).encode())
+        shutil.rmtree(staging, ignore_errors=True)
+        return summary
+
+
+def _process_batches(batches, todo, root, config, opts, staging, progress_factory,
+                     initial, total):
+    from distributed import as_completed
+
+    client, cluster = _start_client(opts)
+    bar = progress_factory(total, initial) if progress_factory else None
+    try:
+        window = 2 * max(1, len(client.scheduler_info()["workers"])) + 2
+        key = config.hash()
+        pending = iter(todo)
+        futures = {}
+
+        def submit_next():
+            k = next(pending, None)
+            if k is None:
+                return
+            f = client.submit(process_batch, str(root), batches[k], config.process,
+                              key=f"drpipe-batch-{key}-{k}", retries=2, pure=False)
+            futures[f] = k
+            ac.add(f)
+
+        ac = as_completed()
+        for _ in range(window):
+            submit_next()
+        for f in ac:
+            k = futures.pop(f)
+            try:
+                result = f.result()
+            except Exception as e:  # noqa: BLE001 - a lost batch after retries
+                raise JobError(f"batch {k} failed on the cluster after retries: "
+                               f"{type(e).__name__}: {e}") from None
+            _commit_batch(staging, k, result)
+            f.release()
+            if bar:
+                bar.update(len(batches[k]))
+            submit_next()
+    finally:
+        if bar:
+            bar.close()
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def _flag_duplicates(rows: list[dict]) -> None:
+    first: dict[str, str] = {}
+    for row in sorted(rows, key=lambda r: r["image_id"]):
+        sha = row.get("sha256")
+        row["duplicate_of"] = None
+        if sha:
+            if sha in first:
+                row["duplicate_of"] = first[sha]
+            else:
+                first[sha] = row["image_id"]
+
+
+def _write_shards(rows: list[dict], config: JobConfig, out: Path, staging: Path) -> dict:
+    """Seeded order per split, size-based cuts, atomic writes. Returns per-split shard info
+    and sets each row's ``shard``."""
+    target = int(config.shard_size_mb * 1024 * 1024)
+    info = {}
+    for split in config.split:
+        members = sorted((r for r in rows if r["status"] == "ok" and r["split"] == split),
+                         key=lambda r: r["image_id"])
+        rng = np.random.default_rng([config.seed, _stable_int(split)])
+        members = [members[i] for i in rng.permutation(len(members))]
+        assignment = plan_shards([r["_length"] for r in members], target)
+        count = (max(assignment) + 1) if assignment else 0
+        files = []
+        for i in range(count):
+            name = shard_name(split, i, count)
+            these = [r for r, a in zip(members, assignment, strict=True) if a == i]
+            for r in these:
+                r["shard"] = name
+            path = out / name
+            if not path.exists():  # committed shards of an interrupted run are identical
+                with ShardWriter(path) as w:
+                    for r in these:
+                        w.write(_read_record(staging, r))
+            files.append({"name": name, "records": len(these), "bytes": path.stat().st_size})
+        info[split] = {"shards": files, "records": len(members)}
+    return info
+
+
+_open_batches: dict[int, object] = {}
+
+
+def _read_record(staging: Path, row: dict) -> bytes:
+    k = row["_batch"]
+    f = _open_batches.get(k)
+    if f is None:
+        if len(_open_batches) > 64:
+            for old in _open_batches.values():
+                old.close()
+            _open_batches.clear()
+        f = _open_batches[k] = open(staging / f"batch-{k:06d}.bin", "rb")
+    f.seek(row["_offset"])
+    data = f.read(row["_length"])
+    if len(data) != row["_length"]:
+        raise JobError(f"staging batch {k} is damaged; re-run with --overwrite")
+    return data
+
+
+def _stable_int(s: str) -> int:
+    return int.from_bytes(hashlib.sha256(s.encode()).digest()[:4], "little")
+
+
+def _summary(rows, shards, config, n_photos, n_missing, peak_rss, tf_loaded, timings,
+             processed_now) -> dict:
+    ok = [r for r in rows if r["status"] == "ok"]
+    reasons = Counter(r["reason"].split(":")[0] for r in rows if r["status"] == "rejected")
+    counts = {s: [sum(1 for r in ok if r["split"] == s and r["label"] == g) for g in range(5)]
+              for s in config.split}
+    return {
+        "photos": n_photos,
+        "ok": len(ok),
+        "rejected": n_photos - len(ok),
+        "labels_without_photo": n_missing,
+        "rejected_by_reason": dict(sorted(reasons.items())),
+        "duplicates": sum(1 for r in rows if r.get("duplicate_of")),
+        "counts": counts,
+        "shards": {s: len(v["shards"]) for s, v in shards.items()},
+        "shard_bytes": sum(f["bytes"] for v in shards.values() for f in v["shards"]),
+        "source_bytes": sum(r.get("bytes") or 0 for r in rows),
+        "peak_worker_rss_mb": round(peak_rss, 1),
+        "workers_imported_tensorflow": tf_loaded,
+        "processed_this_run": processed_now,
+        "photos_per_s": round(processed_now / timings["process_s"], 2)
+        if timings["process_s"] > 0 and processed_now else None,
+        "timings": {k: round(v, 2) for k, v in timings.items()},
+        "config_hash": config.hash(),
+    }
+
+
+def _version() -> str:
+    from drpipe import __version__
+
+    return __version__

@@ -1,0 +1,238 @@
+"""Sources: find the photos and their labels in the layouts people bring.
+
+    detect_source(src, ...) -> Source(kind, photos: [ImageRecord], labels_without_photo)
+
+Layouts (detected in this order, or forced with ``kind``):
+
+- ``kaggle``:  ``train/`` + ``trainLabels.csv`` (image,level); and/or ``test/`` +
+  ``retinopathy_solution.csv`` (image,level,Usage). EyePACS.
+- ``aptos``:   ``train.csv`` (id_code,diagnosis) + ``train_images/{id}.png``. APTOS 2019.
+- ``folders``: one folder per grade, ``0/ 1/ 2/ 3/ 4/``.
+- ``csv``:     any labels CSV (``labels=FILE``, ``id_col``, ``label_col``, ``patient_col``),
+  photos anywhere under ``src`` matched by file name without extension.
+
+Patient and eye come from ``{patient}_{left|right}`` names unless a patient column is
+given; otherwise each photo is its own patient. Bad label rows (a grade outside 0-4, a
+non-integer, a missing column, conflicting duplicates) raise :class:`LabelError` naming
+the file, the line and the value.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp")
+GRADES = range(5)
+_EYE_NAME = re.compile(r"^(?P<patient>.+)_(?P<eye>left|right)$", re.IGNORECASE)
+
+
+class LabelError(ValueError):
+    """A labels file that cannot be used as it is; the message names file, line, value."""
+
+
+class SourceError(ValueError):
+    """The source directory is not a layout we know, or is missing."""
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """A photo to process: where it is and what is known about it before decoding."""
+
+    image_id: str
+    path: str  # relative to the source root, POSIX separators
+    label: int | None  # None: no label row for this photo
+    patient_id: str
+    eye: str  # "left" | "right" | ""
+    origin: str = ""  # e.g. "train", "test/Public" — where in the source it came from
+
+
+@dataclass(frozen=True)
+class LabelRow:
+    image_id: str
+    label: int
+    patient_id: str
+    eye: str
+    origin: str = ""
+
+
+@dataclass
+class Source:
+    kind: str
+    root: Path
+    photos: list[ImageRecord]
+    labels_without_photo: list[LabelRow] = field(default_factory=list)
+
+
+def patient_and_eye(image_id: str) -> tuple[str, str]:
+    """``"10_left"`` -> ("10", "left"); names without an eye are their own patient."""
+    m = _EYE_NAME.match(image_id)
+    if m:
+        return m.group("patient"), m.group("eye").lower()
+    return image_id, ""
+
+
+def read_labels(path: Path, id_col: str, label_col: str, patient_col: str | None = None,
+                extra_col: str | None = None, origin: str = "") -> list[LabelRow]:
+    """Parse a labels CSV strictly. Accepts a UTF-8 BOM and CRLF line endings.
+
+    Raises LabelError for a missing file or column, an empty file, an unparseable or
+    out-of-range grade, and the same id listed twice with different grades (the same
+    grade twice is tolerated and kept once).
+    """
+    path = Path(path)
+    try:
+        f = open(path, newline="", encoding="utf-8-sig")
+    except OSError as e:
+        raise LabelError(f"{path}: cannot read labels file ({e.strerror or e})") from None
+    with f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if not header:
+            raise LabelError(f"{path}: empty labels file (no header)")
+        header = [h.strip() for h in header]
+        need = [c for c in (id_col, label_col, patient_col, extra_col) if c]
+        for c in need:
+            if c not in header:
+                raise LabelError(f"{path}: line 1: no column {c!r} (columns: "
+                                 f"{', '.join(header)})")
+        col = {c: header.index(c) for c in need}
+        rows: dict[str, LabelRow] = {}
+        for row in reader:
+            line = reader.line_num
+            if not any(cell.strip() for cell in row):
+                continue
+            if len(row) < len(header):
+                raise LabelError(f"{path}: line {line}: {len(row)} fields, expected "
+                                 f"{len(header)}: {','.join(row)!r}")
+            image_id = row[col[id_col]].strip()
+            raw = row[col[label_col]].strip()
+            if not image_id:
+                raise LabelError(f"{path}: line {line}: empty {id_col!r}")
+            grade = _parse_grade(raw)
+            if grade is None:
+                raise LabelError(f"{path}: line {line}: {label_col} {raw!r} for {image_id!r} "
+                                 "is not a grade 0-4")
+            if patient_col:
+                patient, eye = row[col[patient_col]].strip(), patient_and_eye(image_id)[1]
+            else:
+                patient, eye = patient_and_eye(image_id)
+            org = origin
+            if extra_col:
+                org = f"{origin}/{row[col[extra_col]].strip()}" if origin else row[
+                    col[extra_col]].strip()
+            prev = rows.get(image_id)
+            if prev is not None and prev.label != grade:
+                raise LabelError(f"{path}: line {line}: {image_id!r} listed again with grade "
+                                 f"{grade} (earlier {prev.label})")
+            rows[image_id] = LabelRow(image_id, grade, patient, eye, org)
+    if not rows:
+        raise LabelError(f"{path}: no label rows (header only)")
+    return list(rows.values())
+
+
+def _parse_grade(raw: str) -> int | None:
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    if not value.is_integer() or int(value) not in GRADES:
+        return None
+    return int(value)
+
+
+def _scan(folder: Path, root: Path) -> dict[str, str]:
+    """{image id: path relative to root} for image files under ``folder`` (recursive).
+
+    Hidden files and folders are skipped. Broken symlinks are kept (they are reported as
+    unreadable, not silently lost)."""
+    found: dict[str, str] = {}
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            stem, ext = os.path.splitext(name)
+            if ext.lower() in IMAGE_SUFFIXES:
+                rel = Path(dirpath, name).relative_to(root).as_posix()
+                found.setdefault(stem, rel)
+    return found
+
+
+def _join(root: Path, kind: str, files: dict[str, tuple[str, str]],
+          labels: list[LabelRow]) -> Source:
+    """Match photos ({id: (path, origin)}) with label rows."""
+    by_id = {r.image_id: r for r in labels}
+    photos = []
+    for image_id in sorted(files):
+        path, origin = files[image_id]
+        row = by_id.get(image_id)
+        if row:
+            photos.append(ImageRecord(image_id, path, row.label, row.patient_id, row.eye,
+                                      row.origin or origin))
+        else:
+            patient, eye = patient_and_eye(image_id)
+            photos.append(ImageRecord(image_id, path, None, patient, eye, origin))
+    missing = [r for r in labels if r.image_id not in files]
+    return Source(kind, root, photos, sorted(missing, key=lambda r: r.image_id))
+
+
+def detect_kind(src: Path) -> str:
+    if (src / "trainLabels.csv").is_file() or (src / "retinopathy_solution.csv").is_file():
+        return "kaggle"
+    if (src / "train.csv").is_file() and (src / "train_images").is_dir():
+        return "aptos"
+    if any((src / str(g)).is_dir() for g in GRADES):
+        return "folders"
+    raise SourceError(
+        f"{src}: not a known layout (Kaggle train/ + trainLabels.csv, APTOS train.csv + "
+        "train_images/, or folders 0/..4/); give --labels FILE for any other CSV")
+
+
+def detect_source(src: Path, kind: str | None = None, labels: Path | None = None,
+                  id_col: str = "image", label_col: str = "level",
+                  patient_col: str | None = None) -> Source:
+    """Find photos and labels under ``src``. ``labels`` given means kind ``csv``."""
+    src = Path(src)
+    if not src.is_dir():
+        raise SourceError(f"{src}: no such directory")
+    if labels is not None:
+        kind = "csv"
+    kind = kind or detect_kind(src)
+    if kind == "kaggle":
+        files, rows = {}, []
+        if (src / "trainLabels.csv").is_file():
+            rows += read_labels(src / "trainLabels.csv", "image", "level", origin="train")
+            files.update({k: (v, "train") for k, v in _scan(src / "train", src).items()})
+        if (src / "retinopathy_solution.csv").is_file():
+            rows += read_labels(src / "retinopathy_solution.csv", "image", "level",
+                                extra_col="Usage", origin="test")
+            files.update({k: (v, "test") for k, v in _scan(src / "test", src).items()})
+        return _join(src, kind, files, rows)
+    if kind == "aptos":
+        rows = read_labels(src / "train.csv", "id_code", "diagnosis", origin="train")
+        files = {k: (v, "train") for k, v in _scan(src / "train_images", src).items()}
+        return _join(src, kind, files, rows)
+    if kind == "folders":
+        files, rows = {}, []
+        for g in GRADES:
+            for image_id, path in _scan(src / str(g), src).items():
+                if image_id in files:
+                    raise LabelError(f"{src}: {image_id!r} appears in two grade folders "
+                                     f"({files[image_id][0]} and {path})")
+                files[image_id] = (path, str(g))
+                patient, eye = patient_and_eye(image_id)
+                rows.append(LabelRow(image_id, g, patient, eye, str(g)))
+        if not files:
+            raise SourceError(f"{src}: grade folders 0/..4/ hold no photos")
+        return _join(src, kind, files, rows)
+    if kind == "csv":
+        if labels is None:
+            raise SourceError("--labels FILE is needed for a CSV source")
+        rows = read_labels(labels, id_col, label_col, patient_col)
+        files = {k: (v, "") for k, v in _scan(src, src).items()}
+        return _join(src, kind, files, rows)
+    raise SourceError(f"unknown source kind {kind!r} (kaggle, aptos, folders, csv)")
