@@ -50,12 +50,14 @@ def _load_config_file(ctx, param, value):
         raise click.BadParameter(f"cannot read {value}: {e.strerror or e}") from None
     except tomllib.TOMLDecodeError as e:
         raise click.BadParameter(f"{value}: invalid TOML: {e}") from None
-    known = {p.name for p in ctx.command.params}
+    # TOML keys are the long option names, with dashes or underscores: shard-size, filter.
+    by_option = {opt[2:].replace("-", "_"): p.name for p in ctx.command.params
+                 for opt in p.opts if opt.startswith("--") and p.name}
+    by_option.pop("config", None)
     defaults = {}
     for key, v in data.items():
-        name = key.replace("-", "_")
-        name = "filter_" if name == "filter" else "fmt" if name == "format" else name
-        if name not in known or name == "config":
+        name = by_option.get(key.replace("-", "_"))
+        if name is None:
             raise click.BadParameter(f"{value}: unknown option {key!r}")
         defaults[name] = v
     ctx.default_map = {**(ctx.default_map or {}), **defaults}

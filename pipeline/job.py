@@ -464,7 +464,8 @@ def _stable_int(s: str) -> int:
 def _summary(rows, shards, config, n_photos, n_missing, peak_rss, tf_loaded, timings,
              processed_now) -> dict:
     ok = [r for r in rows if r["status"] == "ok"]
-    reasons = Counter(r["reason"].split(":")[0] for r in rows if r["status"] == "rejected")
+    reasons = Counter(r["reason"].split(":")[0] for r in rows
+                      if r["status"] == "rejected" and r.get("path"))  # photos only
     counts = {s: [sum(1 for r in ok if r["split"] == s and r["label"] == g) for g in range(5)]
               for s in config.split}
     return {

@@ -1,0 +1,107 @@
+"""The lean writer: Example bytes as TensorFlow writes them, CRCs, atomic commits, sharding."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tfrecord_writer.example import frame_record, read_records, serialize_example
+from tfrecord_writer.schema import FEATURES, Record
+from tfrecord_writer.writer import ShardWriter, plan_shards, remove_temporaries, shard_name
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def _record(i=0, label=3) -> Record:
+    return Record(bytes(range(256)) * (i + 1), "jpeg", 512, 512, label, f"{i}_left", str(i),
+                  "left", "ab" * 32)
+
+
+@pytest.fixture(scope="module")
+def tf():
+    import tensorflow
+
+    return tensorflow
+
+
+def test_example_bytes_equal_tensorflows(tf):
+    for label in (0, 2, 4):
+        r = _record(label=label)
+        ex = tf.train.Example()
+        for k, v in r.features().items():
+            f = ex.features.feature[k]
+            if FEATURES[k][0] == "int64":
+                f.int64_list.value.append(v)
+            else:
+                f.bytes_list.value.append(v if isinstance(v, bytes) else v.encode())
+        assert serialize_example(r.features()) == ex.SerializeToString(deterministic=True)
+
+
+def test_shard_parses_with_tf_data(tf, tmp_path):
+    from tfrecord_writer.schema import tf_feature_spec
+
+    path = tmp_path / shard_name("train", 0, 1)
+    with ShardWriter(path) as w:
+        for i in range(5):
+            w.write(_record(i, label=i))
+    ds = tf.data.TFRecordDataset(str(path)).map(
+        lambda s: tf.io.parse_single_example(s, tf_feature_spec()))
+    got = [(e["image/id"].numpy().decode(), int(e["image/class/label"]),
+            int(e["image/class/referable"]), len(e["image/encoded"].numpy())) for e in ds]
+    assert got == [(f"{i}_left", i, int(i >= 2), 256 * (i + 1)) for i in range(5)]
+
+
+def test_crc_checked_on_read(tmp_path):
+    p = tmp_path / "x.tfrecord"
+    p.write_bytes(frame_record(b"hello") + frame_record(b"world"))
+    assert read_records(p) == [b"hello", b"world"]
+    data = bytearray(p.read_bytes())
+    data[14] ^= 1
+    p.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="bad data CRC"):
+        read_records(p)
+    p.write_bytes(frame_record(b"hello")[:-3])
+    with pytest.raises(ValueError, match="truncated"):
+        read_records(p)
+
+
+def test_failed_write_leaves_no_final_file(tmp_path):
+    path = tmp_path / shard_name("train", 0, 2)
+    with pytest.raises(RuntimeError):
+        with ShardWriter(path) as w:
+            w.write(_record())
+            assert not path.exists()  # only the temporary exists while writing
+            raise RuntimeError("disk full")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_temporaries_are_cleaned(tmp_path):
+    w = ShardWriter(tmp_path / "val-00000-of-00001.tfrecord")
+    w.write(_record())
+    w._f.flush()  # the process "dies" here: temporary left behind, no final name
+    assert [p.name.endswith(".tmp") for p in tmp_path.iterdir()] == [True]
+    assert remove_temporaries(tmp_path) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_schema_rejects_unknown_and_missing_keys():
+    f = _record().features()
+    with pytest.raises(ValueError, match="unknown"):
+        serialize_example({**f, "image/extra": 1})
+    del f["image/id"]
+    with pytest.raises(ValueError, match="missing"):
+        serialize_example(f)
+
+
+@pytest.mark.parametrize("sizes,target,expect_count", [
+    ([100] * 10, 250, 4), ([100] * 10, 10_000, 1), ([100] * 3, 1, 3), ([], 100, 0)])
+def test_plan_shards(sizes, target, expect_count):
+    plan = plan_shards(sizes, target)
+    assert len(plan) == len(sizes)
+    assert (max(plan) + 1 if plan else 0) == expect_count
+    assert plan == sorted(plan)  # contiguous runs, in order
+    if sizes:
+        per = [sum(s for s, a in zip(sizes, plan, strict=True) if a == i)
+               for i in range(expect_count)]
+        assert max(per) - min(per) <= max(sizes)  # even
