@@ -158,7 +158,7 @@ def preview(src, out, size, filter_, quality, clahe_clip, clahe_tiles, limit):
 
     from pipeline.encode import encode
     from pipeline.preview import SheetEntry, contact_sheet
-    from pipeline.process import prepare_or_reject
+    from pipeline.process import Rejection, prepare_or_reject
 
     cfg = make_process_config(size, filter_, quality, clahe_clip, clahe_tiles)
     files = _expand_sources(src)[:limit]
@@ -171,7 +171,6 @@ def preview(src, out, size, filter_, quality, clahe_clip, clahe_tiles, limit):
         try:
             data = path.read_bytes()
         except OSError as e:
-            from pipeline.process import Rejection
             result = Rejection("unreadable", e.strerror or str(e))
         else:
             result = prepare_or_reject(data, cfg)

@@ -413,6 +413,11 @@ def _flag_duplicates(rows: list[dict]) -> None:
 def _write_shards(rows: list[dict], config: JobConfig, out: Path, staging: Path) -> dict:
     """Seeded order per split, size-based cuts, atomic writes. Returns per-split shard info
     and sets each row's ``shard``."""
+    with _StagedRecords(staging) as staged:
+        return _write_split_shards(rows, config, out, staged)
+
+
+def _write_split_shards(rows, config, out, staged: _StagedRecords) -> dict:
     target = int(config.shard_size_mb * 1024 * 1024)
     info = {}
     for split in config.split:
@@ -432,29 +437,45 @@ def _write_shards(rows: list[dict], config: JobConfig, out: Path, staging: Path)
             if not path.exists():  # committed shards of an interrupted run are identical
                 with ShardWriter(path) as w:
                     for r in these:
-                        w.write(_read_record(staging, r))
+                        w.write(staged.read(r))
             files.append({"name": name, "records": len(these), "bytes": path.stat().st_size})
         info[split] = {"shards": files, "records": len(members)}
     return info
 
 
-_open_batches: dict[int, object] = {}
+class _StagedRecords:
+    """Random access to committed records in ``.staging/batch-*.bin``, a bounded number of
+    files open at a time; closed when the shards are written."""
 
+    MAX_OPEN = 64
 
-def _read_record(staging: Path, row: dict) -> bytes:
-    k = row["_batch"]
-    f = _open_batches.get(k)
-    if f is None:
-        if len(_open_batches) > 64:
-            for old in _open_batches.values():
-                old.close()
-            _open_batches.clear()
-        f = _open_batches[k] = open(staging / f"batch-{k:06d}.bin", "rb")
-    f.seek(row["_offset"])
-    data = f.read(row["_length"])
-    if len(data) != row["_length"]:
-        raise JobError(f"staging batch {k} is damaged; re-run with --overwrite")
-    return data
+    def __init__(self, staging: Path):
+        self.staging = staging
+        self.files: dict[int, object] = {}
+
+    def read(self, row: dict) -> bytes:
+        k = row["_batch"]
+        f = self.files.get(k)
+        if f is None:
+            if len(self.files) >= self.MAX_OPEN:
+                self.close()
+            f = self.files[k] = open(self.staging / f"batch-{k:06d}.bin", "rb")
+        f.seek(row["_offset"])
+        data = f.read(row["_length"])
+        if len(data) != row["_length"]:
+            raise JobError(f"staging batch {k} is damaged; re-run with --overwrite")
+        return data
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+        self.files.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def _stable_int(s: str) -> int:
