@@ -350,6 +350,124 @@ def split(labels, id_col, label_col, patient_col, split_spec, seed, out):
                + " / ".join(map(str, total)) + f"  ({whole})")
 
 
+def _int_list(ctx, param, value):
+    if value in (None, ""):
+        return ()
+    try:
+        return tuple(int(v) for v in str(value).split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter("expected comma-separated integers, e.g. 32,16") from None
+
+
+@main.command()
+@click.option("--config", type=click.Path(exists=True, dir_okay=False), callback=_load_config_file,
+              is_eager=True, expose_value=False,
+              help="TOML file with any of these options (keys as option names).")
+@click.option("--data", type=click.Path(file_okay=False, path_type=Path), default="shards",
+              show_default=True, help="Output of drpipe preprocess.")
+@click.option("--model", default="resnetv2-small", show_default=True,
+              help="resnetv2-small, cnn-small, or a Keras Applications backbone (resnet50, "
+                   "resnet50v2, ..., vgg16, mobilenetv2, inceptionv3, efficientnetb0-b7, "
+                   "efficientnetv2b0/s, densenet121, xception).")
+@click.option("--out", default=None, help="Run directory [default: runs/<timestamp>].")
+@click.option("--resume", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=None, help="Continue the run in this directory from its last epoch.")
+@click.option("--image-size", type=click.IntRange(32, 2048), default=224, show_default=True)
+@click.option("--epochs", type=click.IntRange(1), default=10, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--lr", type=float, default=1e-4, show_default=True, help="Learning rate.")
+@click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default="adam",
+              show_default=True)
+@click.option("--task", type=click.Choice(["grade", "referable", "regression"]),
+              default="grade", show_default=True,
+              help="5-grade softmax, referable DR (grade >= 2) or regression on the grade.")
+@click.option("--balance", type=click.Choice(["none", "weights", "resample"]), default="none",
+              show_default=True, help="Class weights, or resampling to equal grades.")
+@click.option("--augment", default="pisa", show_default=True,
+              help="none, flip, pisa, full, or a spec: flip,rotate=180,zoom=0.1,shift=0.1,"
+                   "brightness=0.2,shear=0.1.")
+@click.option("--freeze", default="none", show_default=True,
+              help="all, none, N% (of the backbone's layers, from the input) or a layer name.")
+@click.option("--head", callback=_int_list, default="", help="Dense head units, e.g. 32,16.")
+@click.option("--dropout", type=click.FloatRange(0, 0.95), default=0.0, show_default=True)
+@click.option("--l1", type=click.FloatRange(0), default=0.0, show_default=True)
+@click.option("--l2", type=click.FloatRange(0), default=0.0, show_default=True)
+@click.option("--weights", default="none", show_default=True,
+              help="none, imagenet (needs internet), or PATH: a run, a model.keras or a "
+                   "backbone .weights.h5 file.")
+@click.option("--fine-tune-epochs", type=click.IntRange(0), default=0, show_default=True,
+              help="A second phase with everything unfrozen.")
+@click.option("--fine-tune-lr", type=float, default=1e-5, show_default=True)
+@click.option("--mixed-precision", type=click.Choice(["auto", "on", "off"]), default="auto",
+              show_default=True, help="auto = on when a GPU is present.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--steps-per-epoch", type=click.IntRange(1), default=None,
+              help="[default: one pass over the training split]")
+@click.option("--checkpoint-every", type=click.IntRange(0), default=5, show_default=True)
+@click.option("--patience", type=click.IntRange(0), default=0, show_default=True,
+              help="Stop after this many epochs without a better validation kappa (0 = off).")
+def train(resume, **kw):
+    """Train a grading model on the shards: tf.data into ResNetV2 or transfer learning.
+
+    Writes a run directory: config.json, history.csv, TensorBoard logs, checkpoints (best by
+    validation quadratic kappa, and every N epochs), model.keras, metrics.json, plots.
+    A killed run continues with --resume RUN.
+    """
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from training.fit import TrainConfig, TrainError, default_run_dir, load_config
+    from training.fit import train as run_training
+    from training.models import REGISTRY, WeightsUnavailable
+
+    if resume:
+        cfg = load_config(resume)
+    else:
+        if kw["model"] not in REGISTRY:
+            raise click.BadParameter(f"unknown model {kw['model']!r}; choose from "
+                                     f"{', '.join(REGISTRY)}", param_hint="--model")
+        kw["out"] = kw["out"] or default_run_dir()
+        kw["data"] = str(kw["data"])
+        cfg = TrainConfig(**kw)
+    try:
+        result = run_training(cfg, resume=bool(resume), log=click.echo)
+    except (TrainError, WeightsUnavailable, FileNotFoundError, ValueError) as e:
+        raise DrpipeError(str(e)) from None
+    _echo_metrics(result, cfg.out)
+
+
+def _echo_metrics(r: dict, run) -> None:
+    line = f"{r['split']}: n={r['n']}, quadratic kappa {r['quadratic_kappa']:.3f}"
+    line += f", accuracy {r['accuracy']:.3f}"
+    if "auc" in r:
+        line += (f", AUC {r['auc']:.3f}, sensitivity {r['sensitivity']:.3f}, "
+                 f"specificity {r['specificity']:.3f}")
+    click.echo(line + f"  ({run})")
+
+
+@main.command()
+@click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--data", default=None, help="Shards directory [default: the run's].")
+@click.option("--split", default="test", show_default=True)
+@click.option("--checkpoint", type=click.Choice(["final", "best"]), default="final",
+              show_default=True, help="model.keras or the best-kappa checkpoint.")
+def evaluate(run, data, split, checkpoint):
+    """Metrics of a trained RUN on any split: accuracy, quadratic kappa, per-class
+    precision/recall/F1, confusion matrix (AUC, sensitivity, specificity for referable).
+    Writes RUN/metrics-SPLIT.json and RUN/confusion_SPLIT.png."""
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from training.fit import TrainError
+    from training.fit import evaluate as run_eval
+
+    try:
+        r = run_eval(run, data, split, checkpoint)
+    except (TrainError, FileNotFoundError) as e:
+        raise DrpipeError(str(e)) from None
+    _echo_metrics(r, run)
+
+
 def _expand_sources(src) -> list[Path]:
     files: list[Path] = []
     for s in src:

@@ -1,0 +1,115 @@
+"""tf.data over drpipe shards: parallel interleave, parse (the writer's schema), decode,
+resize, label for the task, balance, shuffle, batch, prefetch.
+
+Images leave this pipeline as float32 in [0, 255], unnormalised: normalisation and
+augmentation are layers at the front of the model (:mod:`training.models`), so they run on
+the accelerator when there is one and travel with the saved model — ``predict`` cannot
+normalise differently from training.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import tensorflow as tf
+
+from tfrecord_writer.schema import tf_feature_spec
+
+AUTOTUNE = tf.data.AUTOTUNE
+TASKS = ("grade", "referable", "regression")
+# The Pisa report balanced to equal counts per grade; "equal" is that distribution.
+EQUAL = (0.2, 0.2, 0.2, 0.2, 0.2)
+
+
+def shard_files(data_dir: str | Path, split: str) -> list[str]:
+    files = sorted(str(p) for p in Path(data_dir).glob(f"{split}-*-of-*.tfrecord"))
+    if not files:
+        raise FileNotFoundError(f"no shards for split {split!r} in {data_dir} "
+                                f"(expected {split}-00000-of-NNNNN.tfrecord)")
+    return files
+
+
+def split_counts(data_dir: str | Path, split: str) -> list[int]:
+    """Photos per grade in a split, from dataset_info.json (no pass over the data)."""
+    info = json.loads((Path(data_dir) / "dataset_info.json").read_text())
+    return list(info["counts"][split])
+
+
+def target_for(task: str, grade: tf.Tensor) -> tf.Tensor:
+    if task == "grade":
+        return grade
+    if task == "referable":
+        return tf.cast(grade >= 2, tf.float32)
+    if task == "regression":
+        return tf.cast(grade, tf.float32)
+    raise ValueError(f"unknown task {task!r} (choose from {', '.join(TASKS)})")
+
+
+def _parse(image_size: int):
+    spec = tf_feature_spec()
+
+    def parse(serialized):
+        ex = tf.io.parse_single_example(serialized, spec)
+        img = tf.io.decode_image(ex["image/encoded"], channels=3, expand_animations=False)
+        img.set_shape([None, None, 3])
+        img = tf.image.resize(img, [image_size, image_size], method="area")
+        return tf.cast(img, tf.float32), ex["image/class/label"]
+    return parse
+
+
+def make_dataset(data_dir: str | Path, split: str, *, image_size: int, batch_size: int,
+                 task: str = "grade", training: bool = False, balance: str = "none",
+                 target_distribution=EQUAL, seed: int = 0,
+                 shuffle_buffer: int = 1024) -> tf.data.Dataset:
+    """(images [B, S, S, 3] float32 0..255, targets) batches from a split's shards.
+
+    Args:
+      balance: "none", "weights" (the caller passes class weights to fit; the data is
+        unchanged) or "resample" (draw grades in ``target_distribution`` from per-grade
+        streams — no records duplicated on disk).
+    """
+    files = shard_files(data_dir, split)
+    parse = _parse(image_size)
+    opts = tf.data.Options()
+    opts.deterministic = not training  # evaluation order must match the labels read back
+
+    def records(file_list):
+        ds = tf.data.Dataset.from_tensor_slices(file_list)
+        if training:
+            ds = ds.shuffle(len(file_list), seed=seed, reshuffle_each_iteration=True)
+        return ds.interleave(tf.data.TFRecordDataset, cycle_length=min(len(file_list), 8),
+                             num_parallel_calls=AUTOTUNE, deterministic=not training)
+
+    if training and balance == "resample":
+        per_grade = [records(files).map(parse, num_parallel_calls=AUTOTUNE)
+                     .filter(lambda img, g, k=k: tf.equal(g, k)).repeat()
+                     .shuffle(max(64, shuffle_buffer // 5), seed=seed + k)
+                     for k in range(5)]
+        present = [k for k, n in enumerate(split_counts(data_dir, split)) if n > 0]
+        weights = [float(target_distribution[k]) for k in present]
+        ds = tf.data.Dataset.sample_from_datasets([per_grade[k] for k in present],
+                                                  weights=weights, seed=seed)
+    else:
+        ds = records(files).map(parse, num_parallel_calls=AUTOTUNE)
+        if training:
+            ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+    ds = ds.map(lambda img, g: (img, target_for(task, g)), num_parallel_calls=AUTOTUNE)
+    ds = ds.batch(batch_size, drop_remainder=False)
+    return ds.with_options(opts).prefetch(AUTOTUNE)
+
+
+def class_weights(counts: list[int]) -> dict[int, float]:
+    """Inverse-frequency weights, mean 1 over the samples (Keras ``class_weight``)."""
+    total = sum(counts)
+    present = [k for k, n in enumerate(counts) if n]
+    return {k: total / (len(present) * counts[k]) for k in present}
+
+
+def labels_of(data_dir: str | Path, split: str) -> list[int]:
+    """Grades of a split in the deterministic (evaluation) order of :func:`make_dataset`."""
+    spec = {"image/class/label": tf_feature_spec()["image/class/label"]}
+    ds = tf.data.Dataset.from_tensor_slices(shard_files(data_dir, split)).interleave(
+        tf.data.TFRecordDataset, cycle_length=8, deterministic=True)
+    ds = ds.map(lambda s: tf.io.parse_single_example(s, spec)["image/class/label"])
+    return [int(x) for x in ds.as_numpy_iterator()]

@@ -1,0 +1,365 @@
+"""Training and evaluation runs: a run directory that holds everything about a model.
+
+    runs/<name>/
+      config.json            the resolved configuration (resume and evaluate read it)
+      history.csv            one row per epoch, continued across resumes
+      logs/                  TensorBoard
+      checkpoints/best.keras best by validation quadratic kappa
+      checkpoints/epoch-NNN.keras   every --checkpoint-every epochs
+      backup/                optimizer state + epoch for --resume (removed when done)
+      model.keras            the final model; backbone.weights.h5 (Keras Applications)
+      metrics.json           validation metrics; metrics-<split>.json from evaluate
+      training_curves.png, confusion_<split>.png
+
+Two phases when --fine-tune-epochs is given (Barh): the first with --freeze, the second
+with everything trainable at --fine-tune-lr.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from training import metrics as M
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str = "shards"
+    model: str = "resnetv2-small"
+    out: str = ""
+    image_size: int = 224
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-4  # Adam 1e-4: the Pisa report's setting
+    optimizer: str = "adam"
+    task: str = "grade"
+    balance: str = "none"
+    augment: str = "pisa"
+    freeze: str = "none"
+    head: tuple[int, ...] = ()
+    dropout: float = 0.0
+    l1: float = 0.0
+    l2: float = 0.0
+    weights: str = "none"
+    fine_tune_epochs: int = 0
+    fine_tune_lr: float = 1e-5
+    mixed_precision: str = "auto"
+    seed: int = 0
+    train_split: str = "train"
+    val_split: str = "val"
+    steps_per_epoch: int | None = None
+    checkpoint_every: int = 5  # Zhong & Cao checkpointed every 5 epochs
+    patience: int = 0  # early stopping on validation kappa; 0 = off
+    target_distribution: tuple[float, ...] = (0.2, 0.2, 0.2, 0.2, 0.2)
+
+    def total_epochs(self) -> int:
+        return self.epochs + self.fine_tune_epochs
+
+
+class TrainError(RuntimeError):
+    """A one-line reason a run cannot start or continue."""
+
+
+def _spec(cfg: TrainConfig):
+    from training.models import ModelSpec
+
+    return ModelSpec(model=cfg.model, image_size=cfg.image_size, task=cfg.task,
+                     head=tuple(cfg.head), dropout=cfg.dropout, l1=cfg.l1, l2=cfg.l2,
+                     weights=cfg.weights, augment=cfg.augment, seed=cfg.seed)
+
+
+def _setup_devices(cfg: TrainConfig):
+    import keras
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    mp = cfg.mixed_precision == "on" or (cfg.mixed_precision == "auto" and gpus)
+    keras.mixed_precision.set_global_policy("mixed_float16" if mp else "float32")
+    strategy = tf.distribute.MirroredStrategy() if len(gpus) > 1 else (
+        tf.distribute.get_strategy())
+    return strategy, {"gpus": len(gpus), "mixed_precision": bool(mp),
+                      "replicas": strategy.num_replicas_in_sync}
+
+
+def _compile(model, cfg: TrainConfig, lr: float):
+    import keras
+
+    opt = (keras.optimizers.Adam(lr) if cfg.optimizer == "adam"
+           else keras.optimizers.SGD(lr, momentum=0.9, nesterov=True))
+    if cfg.task == "grade":
+        model.compile(opt, "sparse_categorical_crossentropy", metrics=["accuracy"])
+    elif cfg.task == "referable":
+        model.compile(opt, "binary_crossentropy",
+                      metrics=["accuracy", keras.metrics.AUC(name="auc")])
+    else:
+        model.compile(opt, "mse", metrics=["mae"])
+
+
+def predict(model, ds, task: str) -> tuple[np.ndarray, np.ndarray]:
+    """(true grades or targets, model outputs) over a dataset, in its order."""
+    ys, ps = [], []
+    for x, y in ds:
+        ps.append(np.asarray(model(x, training=False), np.float32))
+        ys.append(np.asarray(y))
+    if not ys:
+        return np.zeros(0), np.zeros((0, 5 if task == "grade" else 1))
+    return np.concatenate(ys), np.concatenate(ps)
+
+
+def scores(task: str, y, out, thresholds=None) -> dict:
+    """Metrics for a task from targets and outputs (y = grade for grade/regression,
+    0/1 for referable)."""
+    if task == "grade":
+        return M.grade_metrics(y.astype(int), out.argmax(axis=1))
+    if task == "referable":
+        r = M.referable_metrics(np.where(y > 0.5, 2, 0), out[:, 0])
+        # kappa on the binary decision, so "best by kappa" means the same for every task
+        r["quadratic_kappa"] = M.quadratic_kappa((y > 0.5).astype(int),
+                                                 (out[:, 0] >= 0.5).astype(int), n=2)
+        return r
+    cuts = thresholds or [0.5, 1.5, 2.5, 3.5]
+    r = M.grade_metrics(y.astype(int), M.apply_thresholds(out[:, 0], cuts))
+    r["thresholds"] = list(cuts)
+    r["mse"] = float(np.mean((out[:, 0] - y) ** 2)) if len(y) else 0.0
+    return r
+
+
+def _callbacks(cfg, run: Path, val_ds, phase: int):
+    import keras
+
+    class ValidationKappa(keras.callbacks.Callback):
+        """Quadratic weighted kappa on the validation split each epoch (logs['val_kappa']):
+        accuracy hid a model predicting only grade 0 in the reference works."""
+
+        def on_epoch_end(self, epoch, logs=None):
+            y, out = predict(self.model, val_ds, cfg.task)
+            logs["val_kappa"] = scores(cfg.task, y, out)["quadratic_kappa"]
+
+    class EveryN(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0:
+                self.model.save(run / "checkpoints" / f"epoch-{epoch + 1:03d}.keras")
+
+    cbs = [ValidationKappa(),
+           keras.callbacks.ModelCheckpoint(run / "checkpoints/best.keras", monitor="val_kappa",
+                                           mode="max", save_best_only=True),
+           EveryN(),
+           keras.callbacks.CSVLogger(str(run / "history.csv"), append=True),
+           keras.callbacks.TensorBoard(str(run / "logs"), write_graph=False),
+           keras.callbacks.BackupAndRestore(str(run / f"backup/phase{phase}"),
+                                            delete_checkpoint=True)]
+    if cfg.patience:
+        cbs.append(keras.callbacks.EarlyStopping("val_kappa", mode="max",
+                                                 patience=cfg.patience))
+    return cbs
+
+
+def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
+    """Train (or continue) the run in ``cfg.out``; returns the validation metrics."""
+    import keras
+
+    from training.data import class_weights, make_dataset, split_counts
+    from training.models import build, freeze
+
+    run = Path(cfg.out)
+    if resume:
+        if not (run / "config.json").exists():
+            raise TrainError(f"{run}: not a drpipe run (no config.json)")
+        if (run / "model.keras").exists():
+            raise TrainError(f"{run}: already finished (model.keras exists)")
+    elif run.exists() and any(run.iterdir()):
+        raise TrainError(f"{run} exists and is not empty; use --resume {run} to continue it, "
+                         "or choose another --out")
+    (run / "checkpoints").mkdir(parents=True, exist_ok=True)
+    if not resume:
+        (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    keras.utils.set_random_seed(cfg.seed)
+    strategy, devices = _setup_devices(cfg)
+    log(f"devices: {devices['gpus']} GPU(s), mixed precision "
+        f"{'on' if devices['mixed_precision'] else 'off'}, {devices['replicas']} replica(s)")
+
+    counts = split_counts(cfg.data, cfg.train_split)
+    n_train = sum(counts)
+    if n_train == 0:
+        raise TrainError(f"split {cfg.train_split!r} of {cfg.data} is empty")
+    steps = cfg.steps_per_epoch or max(1, math.ceil(n_train / cfg.batch_size))
+    train_ds = make_dataset(cfg.data, cfg.train_split, image_size=cfg.image_size,
+                            batch_size=cfg.batch_size, task=cfg.task, training=True,
+                            balance=cfg.balance, target_distribution=cfg.target_distribution,
+                            seed=cfg.seed)
+    val_ds = make_dataset(cfg.data, cfg.val_split, image_size=cfg.image_size,
+                          batch_size=cfg.batch_size, task=cfg.task)
+    weights = None
+    if cfg.balance == "weights":
+        cw = class_weights(counts)
+        weights = cw if cfg.task == "grade" else None
+        if cfg.task == "referable":
+            pos = sum(counts[2:])
+            weights = {0: n_train / (2 * max(n_train - pos, 1)), 1: n_train / (2 * max(pos, 1))}
+
+    phases = [(1, cfg.freeze, cfg.lr, 0, cfg.epochs)]
+    if cfg.fine_tune_epochs:
+        phases.append((2, "none", cfg.fine_tune_lr, cfg.epochs, cfg.total_epochs()))
+    for phase, strategy_name, lr, first, last in phases:
+        done_marker = run / f"phase{phase}.weights.h5"
+        if done_marker.exists():
+            continue
+        with strategy.scope():
+            model, backbone = build(_spec(cfg))
+            if phase > 1:
+                model.load_weights(run / f"phase{phase - 1}.weights.h5")
+            freeze(model, backbone, strategy_name)
+            _compile(model, cfg, lr)
+        log(f"phase {phase}: epochs {first + 1}-{last}, freeze {strategy_name}, lr {lr:g}")
+        model.fit(train_ds, validation_data=val_ds, epochs=last, initial_epoch=first,
+                  steps_per_epoch=steps, class_weight=weights, shuffle=False,
+                  callbacks=_callbacks(cfg, run, val_ds, phase), verbose=2)
+        model.save_weights(done_marker)
+
+    model.save(run / "model.keras")
+    if backbone is not None:
+        backbone.save_weights(run / "backbone.weights.h5")
+    result = evaluate_model(model, cfg, cfg.val_split, run)
+    (run / "metrics.json").write_text(json.dumps(result, indent=2))
+    plot_history(run)
+    for p in run.glob("phase*.weights.h5"):
+        p.unlink()
+    _rmtree(run / "backup")
+    return result
+
+
+def evaluate_model(model, cfg: TrainConfig, split: str, run: Path, data: str | None = None,
+                   thresholds=None) -> dict:
+    from training.data import make_dataset
+
+    ds = make_dataset(data or cfg.data, split, image_size=cfg.image_size,
+                      batch_size=cfg.batch_size, task=cfg.task)
+    y, out = predict(model, ds, cfg.task)
+    if cfg.task == "regression" and thresholds is None:
+        thresholds = M.kappa_thresholds(y, out[:, 0]) if len(y) else None
+    r = scores(cfg.task, y, out, thresholds)
+    r.update(split=split, data=str(Path(data or cfg.data).resolve()), model=cfg.model,
+             task=cfg.task)
+    plot_confusion(r, run / f"confusion_{split}.png")
+    return r
+
+
+def evaluate(run: str | Path, data: str | None = None, split: str = "test",
+             checkpoint: str = "final") -> dict:
+    """``drpipe evaluate``: metrics of a finished run's model on any split."""
+    import keras
+
+    import training.models  # noqa: F401 - registers the custom layers for loading
+
+    run = Path(run)
+    try:
+        cfg = TrainConfig(**_tuples(json.loads((run / "config.json").read_text())))
+    except FileNotFoundError:
+        raise TrainError(f"{run}: not a drpipe run (no config.json)") from None
+    path = run / ("model.keras" if checkpoint == "final" else "checkpoints/best.keras")
+    if not path.exists():
+        raise TrainError(f"{path} does not exist (is the run finished?)")
+    model = keras.saving.load_model(path)
+    thresholds = None
+    if cfg.task == "regression" and (run / "metrics.json").exists():
+        thresholds = json.loads((run / "metrics.json").read_text()).get("thresholds")
+    r = evaluate_model(model, cfg, split, run, data, thresholds)
+    (run / f"metrics-{split}.json").write_text(json.dumps(r, indent=2))
+    return r
+
+
+def _tuples(d: dict) -> dict:
+    for k in ("head", "target_distribution"):
+        if k in d and d[k] is not None:
+            d[k] = tuple(d[k])
+    return d
+
+
+def load_config(run: str | Path) -> TrainConfig:
+    return TrainConfig(**_tuples(json.loads((Path(run) / "config.json").read_text())))
+
+
+def read_history(run: Path) -> list[dict]:
+    """history.csv as rows, one per epoch (a row repeated by a crash-resume kept once)."""
+    if not (run / "history.csv").exists():
+        return []
+    rows = {}
+    for row in csv.DictReader(open(run / "history.csv")):
+        rows[int(row["epoch"])] = row
+    return [rows[k] for k in sorted(rows)]
+
+
+def plot_history(run: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_history(run)
+    if not rows:
+        return
+    epochs = [int(r["epoch"]) + 1 for r in rows]
+    panels = [("loss", ["loss", "val_loss"]), ("quadratic kappa", ["val_kappa"]),
+              ("accuracy / AUC / MAE", [k for k in ("accuracy", "val_accuracy", "auc",
+                                                    "val_auc", "mae", "val_mae")
+                                        if k in rows[0]])]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for ax, (title, keys) in zip(axes, panels, strict=True):
+        for k in keys:
+            if k in rows[0]:
+                ax.plot(epochs, [float(r[k]) for r in rows], marker=".", label=k)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(run.name)
+    fig.tight_layout()
+    fig.savefig(run / "training_curves.png", dpi=100)
+    plt.close(fig)
+
+
+def plot_confusion(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = np.asarray(result["confusion_matrix"])
+    fig, ax = plt.subplots(figsize=(5, 4.4))
+    ax.imshow(m, cmap="Blues")
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            ax.text(j, i, str(m[i, j]), ha="center", va="center",
+                    color="white" if m[i, j] > m.max() / 2 else "black")
+    labels = ["no", "yes"] if m.shape[0] == 2 else list(range(m.shape[0]))
+    ax.set_xticks(range(m.shape[1]), labels)
+    ax.set_yticks(range(m.shape[0]), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    kappa = result.get("quadratic_kappa")
+    ax.set_title(f"{result.get('split', '')}: kappa {kappa:.3f}" if kappa is not None
+                 else str(result.get("split", "")))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _rmtree(p: Path) -> None:
+    import shutil
+
+    shutil.rmtree(p, ignore_errors=True)
+
+
+def default_run_dir() -> str:
+    import time
+
+    return os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+
