@@ -416,16 +416,16 @@ def train(resume, **kw):
     import os
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from training import MODEL_NAMES, WeightsUnavailable
     from training.fit import TrainConfig, TrainError, default_run_dir, load_config
     from training.fit import train as run_training
-    from training.models import REGISTRY, WeightsUnavailable
 
     if resume:
         cfg = load_config(resume)
     else:
-        if kw["model"] not in REGISTRY:
+        if kw["model"] not in MODEL_NAMES:
             raise click.BadParameter(f"unknown model {kw['model']!r}; choose from "
-                                     f"{', '.join(REGISTRY)}", param_hint="--model")
+                                     f"{', '.join(MODEL_NAMES)}", param_hint="--model")
         kw["out"] = kw["out"] or default_run_dir()
         kw["data"] = str(kw["data"])
         cfg = TrainConfig(**kw)

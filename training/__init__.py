@@ -1,0 +1,14 @@
+"""Training on drpipe shards. This module imports no TensorFlow: the CLI checks a command
+line against it before paying the seconds TensorFlow takes to import."""
+
+MODEL_NAMES = (
+    "resnetv2-small", "cnn-small",
+    "resnet50", "resnet101", "resnet152", "resnet50v2", "resnet101v2", "resnet152v2",
+    "vgg16", "mobilenetv2", "inceptionv3", "densenet121", "xception",
+    "efficientnetv2b0", "efficientnetv2s",
+    *(f"efficientnetb{k}" for k in range(8)),
+)
+
+
+class WeightsUnavailable(RuntimeError):
+    """ImageNet weights cannot be had (offline, or none exist for this network)."""

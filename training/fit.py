@@ -6,7 +6,8 @@
       logs/                  TensorBoard
       checkpoints/best.keras best by validation quadratic kappa
       checkpoints/epoch-NNN.keras   every --checkpoint-every epochs
-      backup/                optimizer state + epoch for --resume (removed when done)
+      backup/                weights, optimizer state and epoch for --resume (removed
+                             when done; replaced atomically, so a kill never breaks it)
       model.keras            the final model; backbone.weights.h5 (Keras Applications)
       metrics.json           validation metrics; metrics-<split>.json from evaluate
       training_curves.png, confusion_<split>.png
@@ -132,6 +133,46 @@ def scores(task: str, y, out, thresholds=None) -> dict:
     return r
 
 
+def _atomic_backup(backup_dir: Path):
+    """Resume state that survives SIGKILL at any instant.
+
+    Keras' BackupAndRestore overwrites one weights file in place: a kill during that write
+    leaves a file that cannot be loaded, and the run cannot resume (tests caught it). Here
+    each epoch's state — weights with the optimizer's variables, and the epoch — goes into a
+    new directory, then ``latest.json`` is replaced atomically to point at it; older states
+    are deleted only after that.
+    """
+    import shutil
+
+    import keras
+
+    class AtomicBackupAndRestore(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            pointer = backup_dir / "latest.json"
+            if not pointer.exists():
+                return
+            state = json.loads(pointer.read_text())
+            if self.model.optimizer is not None and not self.model.optimizer.built:
+                self.model.optimizer.build(self.model.trainable_variables)
+            self.model.load_weights(backup_dir / state["dir"] / "state.weights.h5")
+            self.model._initial_epoch = state["epoch"]  # as Keras' own callback does
+
+        def on_epoch_end(self, epoch, logs=None):
+            name = f"epoch-{epoch + 1:04d}"
+            d = backup_dir / name
+            shutil.rmtree(d, ignore_errors=True)
+            d.mkdir(parents=True)
+            self.model.save_weights(d / "state.weights.h5")
+            tmp = backup_dir / "latest.json.tmp"
+            tmp.write_text(json.dumps({"epoch": epoch + 1, "dir": name}))
+            os.replace(tmp, backup_dir / "latest.json")
+            for old in backup_dir.glob("epoch-*"):
+                if old.name != name:
+                    shutil.rmtree(old, ignore_errors=True)
+
+    return AtomicBackupAndRestore()
+
+
 def _callbacks(cfg, run: Path, val_ds, phase: int):
     import keras
 
@@ -154,8 +195,7 @@ def _callbacks(cfg, run: Path, val_ds, phase: int):
            EveryN(),
            keras.callbacks.CSVLogger(str(run / "history.csv"), append=True),
            keras.callbacks.TensorBoard(str(run / "logs"), write_graph=False),
-           keras.callbacks.BackupAndRestore(str(run / f"backup/phase{phase}"),
-                                            delete_checkpoint=True)]
+           _atomic_backup(run / f"backup/phase{phase}")]
     if cfg.patience:
         cbs.append(keras.callbacks.EarlyStopping("val_kappa", mode="max",
                                                  patience=cfg.patience))
@@ -164,11 +204,14 @@ def _callbacks(cfg, run: Path, val_ds, phase: int):
 
 def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     """Train (or continue) the run in ``cfg.out``; returns the validation metrics."""
-    import keras
-
-    from training.data import class_weights, make_dataset, split_counts
-    from training.models import build, freeze
-
+    # Check what can be checked before importing TensorFlow (seconds, and log noise).
+    info = Path(cfg.data) / "dataset_info.json"
+    if not info.exists():
+        raise TrainError(f"{cfg.data}: no drpipe shards here (no dataset_info.json); run "
+                         "drpipe preprocess first, or give --data")
+    for split in (cfg.train_split, cfg.val_split):
+        if split not in json.loads(info.read_text())["counts"]:
+            raise TrainError(f"{cfg.data} has no split {split!r}")
     run = Path(cfg.out)
     if resume:
         if not (run / "config.json").exists():
@@ -181,6 +224,12 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     (run / "checkpoints").mkdir(parents=True, exist_ok=True)
     if not resume:
         (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+
+    import keras
+
+    from training.data import class_weights, make_dataset, split_counts
+    from training.models import build, freeze
+
     keras.utils.set_random_seed(cfg.seed)
     strategy, devices = _setup_devices(cfg)
     log(f"devices: {devices['gpus']} GPU(s), mixed precision "

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import keras
 from keras import layers
 
+from training import WeightsUnavailable  # noqa: F401 - re-exported
+
 # ------------------------------------------------------------------ normalisation
 
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
@@ -177,10 +179,6 @@ REGISTRY: dict[str, Backbone] = {
 MIN_SIZE = {"inceptionv3": 75, "xception": 71}
 
 
-class WeightsUnavailable(RuntimeError):
-    """ImageNet weights cannot be had (offline, or none exist for this network)."""
-
-
 # ------------------------------------------------------------------ assembly
 
 
@@ -300,10 +298,11 @@ def freeze(model: keras.Model, backbone: keras.Model | None, strategy: str) -> N
     body = backbone.layers if backbone is not None else [
         layer for layer in model.layers if not layer.name.startswith(("head_", "grade",
                                                                         "referable"))]
-    for layer in model.layers:
+    # Reset every layer one by one: in Keras 3, trainable=True on a functional backbone does
+    # not reach sublayers that were set to False one by one before (a second phase after
+    # "all" would silently train nothing but the head).
+    for layer in [*model.layers, *body]:
         layer.trainable = True
-    if backbone is not None:
-        backbone.trainable = True
     if strategy == "none":
         return
     if strategy == "all":

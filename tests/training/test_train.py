@@ -1,0 +1,154 @@
+"""drpipe train / evaluate on synthetic shards, on CPU: learning, resume, tasks, balance."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.test_cli import DRPIPE
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def drpipe(*args, check=True, cwd=None):
+    r = subprocess.run([DRPIPE, *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                       timeout=900)
+    if check and r.returncode:
+        raise AssertionError(f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """400 synthetic photos of 200 patients, 128 px, 70/15/15."""
+    d = tmp_path_factory.mktemp("train")
+    drpipe("synth", "--out", d / "raw", "--n", 400, "--seed", 1, "--quiet")
+    drpipe("preprocess", "--src", d / "raw", "--out", d / "shards", "--size", 128,
+           "--split", "train=0.7,val=0.15,test=0.15", "--quiet")
+    return d / "shards"
+
+
+def history(run: Path) -> list[dict]:
+    return list(csv.DictReader(open(run / "history.csv")))
+
+
+def test_resnetv2_small_learns_the_lesion_signal(shards, tmp_path):
+    run = tmp_path / "run"
+    drpipe("train", "--data", shards, "--model", "resnetv2-small", "--image-size", 128,
+           "--epochs", 12, "--batch-size", 16, "--lr", 2e-3, "--augment", "flip",
+           "--out", run)
+    # The best-by-validation checkpoint, judged on the held-out test split.
+    r = drpipe("evaluate", run, "--split", "test", "--checkpoint", "best")
+    m = json.loads((run / "metrics-test.json").read_text())
+    assert m["n"] == 60 and "quadratic kappa" in r.stdout
+    assert m["quadratic_kappa"] > 0.4, m  # chance is 0; a constant answer scores 0
+    assert len(set(np.argmax(m["confusion_matrix"], axis=1))) >= 3  # not one grade
+    # the run directory a user expects
+    for f in ("config.json", "history.csv", "model.keras", "metrics.json", "checkpoints/best.keras",
+              "checkpoints/epoch-005.keras", "checkpoints/epoch-010.keras",
+              "training_curves.png", "confusion_val.png", "confusion_test.png"):
+        assert (run / f).exists(), f
+    assert any((run / "logs").rglob("events.out.tfevents*"))
+    assert [int(h["epoch"]) for h in history(run)] == list(range(12))
+    assert not (run / "backup").exists()
+    val = json.loads((run / "metrics.json").read_text())
+    assert set(val) >= {"accuracy", "quadratic_kappa", "per_class", "confusion_matrix"}
+
+
+def test_kill_and_resume_continue_to_the_planned_epoch(shards, tmp_path):
+    run = tmp_path / "run"
+    args = [DRPIPE, "train", "--data", str(shards), "--model", "cnn-small", "--image-size", "64",
+            "--epochs", "6", "--batch-size", "8", "--steps-per-epoch", "30", "--out", str(run),
+            "--checkpoint-every", "0"]
+    proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "history.csv").exists() and len(history(run)) >= 2:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(history(run))
+    assert 2 <= done < 6 and not (run / "model.keras").exists()
+    drpipe("train", "--resume", run)
+    epochs = [int(h["epoch"]) for h in history(run)]
+    assert sorted(set(epochs)) == list(range(6))  # continued, not restarted
+    assert epochs[:done] == list(range(done))
+    assert (run / "model.keras").exists() and (run / "metrics.json").exists()
+    r = drpipe("train", "--resume", run, check=False)
+    assert r.returncode == 1 and "already finished" in r.stderr
+
+
+@pytest.mark.parametrize("task,key", [("referable", "auc"), ("regression", "thresholds")])
+def test_other_tasks(shards, tmp_path, task, key):
+    run = tmp_path / task
+    drpipe("train", "--data", shards, "--model", "cnn-small", "--image-size", 64, "--epochs", 2,
+           "--batch-size", 16, "--task", task, "--balance", "weights", "--out", run)
+    m = json.loads((run / "metrics.json").read_text())
+    assert key in m
+    if task == "referable":
+        assert 0 <= m["auc"] <= 1 and "sensitivity" in m and "specificity" in m
+    else:
+        assert m["thresholds"] == sorted(m["thresholds"]) and len(m["thresholds"]) == 4
+        drpipe("evaluate", run, "--split", "test")
+        t = json.loads((run / "metrics-test.json").read_text())
+        assert t["thresholds"] == m["thresholds"]  # fitted on validation, reused
+
+
+def test_resample_draws_grades_to_the_target(shards):
+    from training.data import make_dataset, split_counts
+
+    counts = split_counts(shards, "train")
+    assert max(counts) > 2.5 * min(counts)  # imbalanced to start with
+    ds = make_dataset(shards, "train", image_size=32, batch_size=50, training=True,
+                      balance="resample", seed=3)
+    drawn = np.concatenate([y.numpy() for _, y in ds.take(20)])
+    share = np.bincount(drawn, minlength=5) / len(drawn)
+    assert np.abs(share - 0.2).max() < 0.05, share
+
+
+def test_two_phase_fine_tuning_and_weights_from_a_run(shards, tmp_path):
+    import keras
+
+    a = tmp_path / "a"
+    drpipe("train", "--data", shards, "--model", "cnn-small", "--image-size", 64, "--epochs", 1,
+           "--fine-tune-epochs", 1, "--freeze", "all", "--head", "16", "--dropout", 0.5,
+           "--batch-size", 16, "--out", a)
+    assert [int(h["epoch"]) for h in history(a)] == [0, 1]
+    from training.fit import load_config
+    from training.models import ModelSpec, build
+
+    cfg = load_config(a)
+    assert cfg.head == (16,) and cfg.fine_tune_epochs == 1
+    trained = keras.saving.load_model(a / "model.keras")
+    fresh, _ = build(ModelSpec(model="cnn-small", image_size=64, head=(16,), weights=str(a)))
+    np.testing.assert_array_equal(trained.get_layer("conv0").get_weights()[0],
+                                  fresh.get_layer("conv0").get_weights()[0])
+
+
+def test_user_errors_are_one_line(shards, tmp_path):
+    r = drpipe("train", "--data", tmp_path / "nope", "--out", tmp_path / "r", check=False)
+    assert r.returncode == 1
+    assert r.stderr == (f"drpipe: error: {tmp_path / 'nope'}: no drpipe shards here (no "
+                        "dataset_info.json); run drpipe preprocess first, or give --data\n")
+    r = drpipe("train", "--model", "resnet9000", check=False)
+    assert r.returncode == 2 and "unknown model 'resnet9000'" in r.stderr
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy/x").write_text("x")
+    r = drpipe("train", "--data", shards, "--out", tmp_path / "busy", check=False)
+    assert r.returncode == 1 and "--resume" in r.stderr
+
+
+def test_dct_ratio_decodes_small():
+    from training.data import dct_ratio
+
+    assert dct_ratio(512, 224) == 2 and dct_ratio(512, 128) == 4 and dct_ratio(512, 512) == 1
