@@ -96,26 +96,28 @@ def make_dataset(data_dir: str | Path, split: str, *, image_size: int, batch_siz
     opts = tf.data.Options()
     opts.deterministic = not training  # evaluation order must match the labels read back
 
-    def records(file_list):
-        ds = tf.data.Dataset.from_tensor_slices(file_list)
-        if training:
-            ds = ds.shuffle(len(file_list), seed=seed, reshuffle_each_iteration=True)
-        return ds.interleave(tf.data.TFRecordDataset, cycle_length=min(len(file_list), 8),
-                             num_parallel_calls=AUTOTUNE, deterministic=not training)
-
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    if training:
+        ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 8),
+                       num_parallel_calls=AUTOTUNE, deterministic=not training)
+    # Shuffle and resample serialised records (~75 KB each), before decoding: a buffer of
+    # decoded images costs hundreds of MB and decodes the data several times over before
+    # the first batch.
     if training and balance == "resample":
-        per_grade = [records(files).map(parse, num_parallel_calls=AUTOTUNE)
-                     .filter(lambda img, g, k=k: tf.equal(g, k)).repeat()
-                     .shuffle(max(64, shuffle_buffer // 5), seed=seed + k)
-                     for k in range(5)]
+        label_spec = {"image/class/label": tf_feature_spec()["image/class/label"]}
+
+        def grade(s):
+            return tf.io.parse_single_example(s, label_spec)["image/class/label"]
+
         present = [k for k, n in enumerate(split_counts(data_dir, split)) if n > 0]
-        weights = [float(target_distribution[k]) for k in present]
-        ds = tf.data.Dataset.sample_from_datasets([per_grade[k] for k in present],
-                                                  weights=weights, seed=seed)
-    else:
-        ds = records(files).map(parse, num_parallel_calls=AUTOTUNE)
-        if training:
-            ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+        per_grade = [ds.filter(lambda s, k=k: tf.equal(grade(s), k)).repeat()
+                     .shuffle(max(64, shuffle_buffer // 5), seed=seed + k) for k in present]
+        ds = tf.data.Dataset.sample_from_datasets(
+            per_grade, weights=[float(target_distribution[k]) for k in present], seed=seed)
+    elif training:
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+    ds = ds.map(parse, num_parallel_calls=AUTOTUNE, deterministic=not training)
     ds = ds.map(lambda img, g: (img, target_for(task, g)), num_parallel_calls=AUTOTUNE)
     ds = ds.batch(batch_size, drop_remainder=False)
     return ds.with_options(opts).prefetch(AUTOTUNE)

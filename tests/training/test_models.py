@@ -137,12 +137,57 @@ def test_imagenet_weights_unavailable_offline_is_explained(monkeypatch):
 
 def test_augmentation_specs():
     assert augmentation_layers("none") == []
-    assert len(augmentation_layers("full")) == 6
-    assert [type(la).__name__ for la in augmentation_layers("flip,rotate=90")] == [
-        "RandomFlip", "RandomRotation"]
+    assert [type(la).__name__ for la in augmentation_layers("full")] == [
+        "RandomAffine", "RandomBrightness"]
+    (affine,) = augmentation_layers("flip,rotate=90")
+    assert (affine.flip, affine.rotate, affine.zoom) == (True, 90.0, 0.0)
     with pytest.raises(ValueError, match="unknown augmentation 'blur'"):
         augmentation_layers("flip,blur=2")
     x = np.full((1, 64, 64, 3), 200.0, "float32")
     rot = keras.Sequential(augmentation_layers("rotate=45"))
     out = np.asarray(rot(x, training=True))
     assert out.min() == 0.0  # uncovered corners are filled black
+
+
+def _disc_batch(n=6, size=64):
+    import cv2
+
+    x = np.zeros((n, size, size, 3), "float32")
+    for i in range(n):
+        img = np.zeros((size, size, 3), np.uint8)
+        cv2.circle(img, (size // 2, size // 2), size // 3, (200, 120, 60), -1)
+        cv2.rectangle(img, (8, 8), (20, 14), (255, 255, 255), -1)  # asymmetric marker
+        x[i] = img
+    return x
+
+
+def test_random_affine_identity_and_flips_are_exact():
+    from training.models import RandomAffine
+
+    x = _disc_batch()
+    ident = RandomAffine(seed=1)(x, training=True)
+    np.testing.assert_allclose(ident, x, atol=1e-3)
+    out = np.asarray(RandomAffine(flip=True, seed=2)(x, training=True))
+    seen = set()
+    for o, i in zip(out, x, strict=True):
+        variants = {"id": i, "h": i[:, ::-1], "v": i[::-1], "hv": i[::-1, ::-1]}
+        match = [k for k, v in variants.items() if np.abs(o - v).max() < 1e-3]
+        assert len(match) == 1
+        seen.add(match[0])
+    assert len(seen) >= 2  # random per image
+    np.testing.assert_array_equal(RandomAffine(flip=True, rotate=90)(x, training=False), x)
+
+
+def test_random_affine_zoom_and_rotation_geometry():
+    from training.models import RandomAffine
+
+    x = _disc_batch(n=16)
+    area = (x.max(axis=3) > 0).sum(axis=(1, 2))
+    zoomed = np.asarray(RandomAffine(zoom=0.3, seed=3)(x, training=True))
+    ratio = (zoomed.max(axis=3) > 50).sum(axis=(1, 2)) / area
+    assert ratio.min() > 1 / 1.3 ** 2 - 0.08 and ratio.max() < 1 / 0.7 ** 2 + 0.08
+    assert ratio.std() > 0.05  # a different zoom per image
+    rotated = np.asarray(RandomAffine(rotate=180, seed=4)(x, training=True))
+    disc = rotated[:, 32 - 3:32 + 3, 32 - 3:32 + 3, 0]
+    assert (disc > 150).all()  # rotation about the centre keeps the centred disc there
+    assert not np.allclose(rotated[:, 8:14, 8:20], x[:, 8:14, 8:20])  # the marker moved
