@@ -236,7 +236,7 @@ def _start_client(opts: RunOptions):
 
     if opts.scheduler:
         try:
-            client = Client(opts.scheduler, timeout="20s")
+            client = Client(opts.scheduler, timeout="10s")
             client.wait_for_workers(1, timeout=60)
         except Exception as e:  # noqa: BLE001 - many transport errors look alike
             raise JobError(f"cannot use the Dask scheduler at {opts.scheduler}: "
@@ -276,6 +276,17 @@ def run(config: JobConfig, opts: RunOptions, progress_factory=None) -> dict:
     ``progress_factory(total, initial)`` returns a tqdm-like object (update, close).
     Raises JobError (and LabelError / SourceError from the sources) with one-line reasons.
     """
+    try:
+        return _run(config, opts, progress_factory)
+    except OSError as e:
+        # Disk full, read-only or vanished storage: one line, and nothing committed is lost
+        # (every file is written under a temporary name first; re-run to resume).
+        where = e.filename or config.out
+        raise JobError(f"cannot write {where}: {e.strerror or e}; what was committed is kept, "
+                       "re-run to resume once fixed") from None
+
+
+def _run(config: JobConfig, opts: RunOptions, progress_factory) -> dict:
     t0 = time.time()
     out = Path(config.out)
     try:
