@@ -134,6 +134,8 @@ def _measure(shards: Path, files: Path, n: int, args) -> dict:
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in rates.items()),
               file=sys.stderr)
     med = {k: statistics.median(v) for k, v in rates.items()}
+    ratios = [a / b for a, b in zip(rates["drpipe_shards"],
+                                    rates["image_dataset_from_directory"], strict=True)]
     return {
         "photos": n, "image_size": args.image_size, "batch_size": args.batch_size,
         "stored_size": 512, "rounds": args.rounds, "passes": args.passes,
@@ -141,6 +143,10 @@ def _measure(shards: Path, files: Path, n: int, args) -> dict:
         "photos_per_s": {k: round(v, 1) for k, v in med.items()},
         "drpipe_over_keras": round(med["drpipe_shards"] / med["image_dataset_from_directory"],
                                    2),
+        # each round's pair ran back to back: the fairest view on a noisy machine
+        "per_round_ratio": {
+            "median": round(statistics.median(ratios), 2), "min": round(min(ratios), 2),
+            "max": round(max(ratios), 2)},
     }
 
 
