@@ -158,7 +158,7 @@ def preview(src, out, size, filter_, quality, clahe_clip, clahe_tiles, limit):
 
     from pipeline.encode import encode
     from pipeline.preview import SheetEntry, contact_sheet
-    from pipeline.process import Rejection, prepare_or_reject
+    from pipeline.process import Rejection, prepare_or_reject, read_photo
 
     cfg = make_process_config(size, filter_, quality, clahe_clip, clahe_tiles)
     files = _expand_sources(src)[:limit]
@@ -168,12 +168,8 @@ def preview(src, out, size, filter_, quality, clahe_clip, clahe_tiles, limit):
     entries, rejected = [], []
     for path in tqdm(files, unit="photo", desc="preview", disable=None):
         image_id = path.stem
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            result = Rejection("unreadable", e.strerror or str(e))
-        else:
-            result = prepare_or_reject(data, cfg)
+        data = read_photo(path)
+        result = data if isinstance(data, Rejection) else prepare_or_reject(data, cfg)
         if hasattr(result, "image"):
             (out / f"{image_id}.jpeg").write_bytes(encode(result.image, "jpeg", quality))
         else:

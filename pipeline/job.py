@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import manifest
-from pipeline.process import ProcessConfig, ProcessedImage, Rejection, process
+from pipeline.process import ProcessConfig, ProcessedImage, Rejection, process, read_photo
 from pipeline.sources import Source, detect_source
 from pipeline.split import assign_splits
 from tfrecord_writer.example import serialize_example
@@ -121,10 +121,9 @@ def process_batch(root: str, items: list[dict], config: ProcessConfig) -> dict:
         row = dict(it, status="ok", reason="", sha256="", bytes=None, width=None,
                    height=None, retina_cx=None, retina_cy=None, retina_r=None)
         record = None
-        try:
-            data = Path(root, it["path"]).read_bytes()
-        except OSError as e:
-            result = Rejection("unreadable", e.strerror or type(e).__name__)
+        data = read_photo(Path(root, it["path"]))
+        if isinstance(data, Rejection):
+            result = data
         else:
             row["sha256"] = hashlib.sha256(data).hexdigest()
             row["bytes"] = len(data)

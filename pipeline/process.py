@@ -67,6 +67,26 @@ class ProcessedImage:
     decode_factor: int
 
 
+def read_photo(path) -> bytes | Rejection:
+    """A photo's bytes, or why they cannot be had. Only regular files are read: a FIFO or
+    device named like a photo would block the reader forever."""
+    import os
+    import stat
+
+    try:
+        st = os.stat(path)  # follows symlinks: a broken one fails here
+        if not stat.S_ISREG(st.st_mode):
+            kind = "directory" if stat.S_ISDIR(st.st_mode) else "FIFO" if stat.S_ISFIFO(
+                st.st_mode) else "special file"
+            return Rejection("unreadable", f"not a regular file ({kind})")
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        what = "broken symlink" if os.path.islink(path) and not os.path.exists(path) else (
+            e.strerror or type(e).__name__)
+        return Rejection("unreadable", what)
+
+
 def verify(data: bytes, config: ProcessConfig = ProcessConfig()) -> Rejection | None:
     """A real integrity check: header limits, then a full entropy decode (at 1/8 scale,
     which still reads every byte of a JPEG). Returns the reason, or None if the photo is
