@@ -111,7 +111,7 @@ def _ransac_inliers(pts: np.ndarray) -> np.ndarray:
 
     Least squares, even trimmed, is pulled by long non-circular runs of edge: a shadow
     band above the frame's bottom edge, haze bulging the rim, a notch. Here random triples
-    of edge points propose circles (all at once, vectorised: ~0.5 ms), the one with the most
+    of edge points propose circles (all at once, vectorised), the one with the most
     points within ~1 % of its radius wins. Seeded, so the result is deterministic.
     """
     rng = np.random.default_rng(0)

@@ -35,3 +35,53 @@ def synth_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth")
     synth_dataset(out, n=40, seed=7)
     return out
+
+
+class DaskCluster:
+    """A real `dask scheduler` and `dask worker` processes on 127.0.0.1, each in its own
+    process group (so a test can kill one worker, nanny and all)."""
+
+    def __init__(self, n_workers: int = 2):
+        import shutil
+        import socket
+        import subprocess
+        import sys
+
+        dask = shutil.which("dask") or str(Path(sys.executable).parent / "dask")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.address = f"tcp://127.0.0.1:{port}"
+        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL,
+                 "start_new_session": True}
+        self.scheduler = subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port",
+                                           str(port), "--no-dashboard"], **quiet)
+        self.workers = [subprocess.Popen([dask, "worker", self.address, "--nthreads", "1",
+                                          "--nworkers", "1", "--host", "127.0.0.1",
+                                          "--no-dashboard"], **quiet)
+                        for _ in range(n_workers)]
+
+    def kill_worker(self, i: int) -> None:
+        import signal
+
+        os.killpg(self.workers[i].pid, signal.SIGKILL)
+
+    def close(self) -> None:
+        import signal
+
+        for p in [*self.workers, self.scheduler]:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for p in [*self.workers, self.scheduler]:
+            p.wait(timeout=30)
+
+
+@pytest.fixture()
+def dask_cluster():
+    cluster = DaskCluster(2)
+    try:
+        yield cluster
+    finally:
+        cluster.close()

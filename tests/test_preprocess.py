@@ -7,11 +7,9 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -268,31 +266,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_existing_dask_cluster_gives_identical_bytes(raw, out2, tmp_path):
+def test_existing_dask_cluster_gives_identical_bytes(raw, out2, tmp_path, dask_cluster):
     """A real `dask scheduler` and two `dask worker` processes on 127.0.0.1."""
-    dask = shutil.which("dask") or str(Path(sys.executable).parent / "dask")
-    port = _free_port()
-    env = dict(os.environ, DASK_DISTRIBUTED__WORKER__DAEMON="False")
-    procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                               "--no-dashboard"], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, env=env)]
-    try:
-        for _ in range(2):
-            procs.append(subprocess.Popen(
-                [dask, "worker", f"tcp://127.0.0.1:{port}", "--nthreads", "1", "--nworkers", "1",
-                 "--host", "127.0.0.1", "--no-dashboard"], stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL, env=env))
-        preprocess("--src", raw, "--out", tmp_path, "--shard-size", 0.5,
-                   "--scheduler", f"tcp://127.0.0.1:{port}")
-        from distributed import Client
+    preprocess("--src", raw, "--out", tmp_path, "--shard-size", 0.5,
+               "--scheduler", dask_cluster.address)
+    from distributed import Client
 
-        with Client(f"tcp://127.0.0.1:{port}", timeout=10) as c:
-            assert len(c.scheduler_info()["workers"]) == 2
-    finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in procs:
-            p.wait(timeout=30)
+    with Client(dask_cluster.address, timeout=10) as c:
+        assert len(c.scheduler_info()["workers"]) == 2
     assert digest(tmp_path) == digest(out2)
 
 

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -138,44 +135,19 @@ def test_two_concurrent_runs_on_one_out(raw, clean, tmp_path):
     assert digest(out) == clean
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_dask_worker_killed_mid_job(raw, clean, tmp_path):
-    dask = shutil.which("dask") or str(Path(sys.executable).parent / "dask")
-    port = _free_port()
-    addr = f"tcp://127.0.0.1:{port}"
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                               "--no-dashboard"], start_new_session=True, **quiet)]
-    try:
-        for _ in range(2):
-            procs.append(subprocess.Popen(
-                [dask, "worker", addr, "--nthreads", "1", "--nworkers", "1", "--host",
-                 "127.0.0.1", "--no-dashboard"], start_new_session=True, **quiet))
-        out = tmp_path / "out"
-        job = subprocess.Popen([DRPIPE, "preprocess", "--src", str(raw), "--out", str(out),
-                                "--scheduler", addr, "--shard-size", "0.2", "--quiet"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        staging = out / ".staging"
-        deadline = time.time() + 120
-        while time.time() < deadline and not list(staging.glob("batch-*.json")):
-            time.sleep(0.01)
-        os.killpg(procs[1].pid, signal.SIGKILL)  # one worker (nanny and process) gone
-        _, err = job.communicate(timeout=300)
-        assert job.returncode == 0, err[-2000:]
-        assert "Traceback" not in err
-    finally:
-        for p in procs:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for p in procs:
-            p.wait(timeout=30)
+def test_dask_worker_killed_mid_job(raw, clean, tmp_path, dask_cluster):
+    out = tmp_path / "out"
+    job = subprocess.Popen([DRPIPE, "preprocess", "--src", str(raw), "--out", str(out),
+                            "--scheduler", dask_cluster.address, "--shard-size", "0.2",
+                            "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((out / ".staging").glob("batch-*.json")):
+        time.sleep(0.01)
+    dask_cluster.kill_worker(0)  # one worker, nanny and process, gone mid-job
+    _, err = job.communicate(timeout=300)
+    assert job.returncode == 0, err[-2000:]
+    assert "Traceback" not in err
     assert digest(out) == clean
 
 
