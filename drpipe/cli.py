@@ -464,6 +464,55 @@ def evaluate(run, data, split, checkpoint):
     _echo_metrics(r, run)
 
 
+@main.command()
+@click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--src", "sources", multiple=True, required=True,
+              type=click.Path(exists=True, path_type=Path),
+              help="A photo or a folder of photos (repeatable).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default="preds.csv",
+              show_default=True, help="CSV: grade, per-grade and referable probabilities, "
+                                      "rejected photos with their reasons.")
+@click.option("--checkpoint", type=click.Choice(["final", "best"]), default="final",
+              show_default=True)
+def predict(run, sources, out, checkpoint):
+    """Grade raw photos with a trained RUN, preprocessed exactly as its training data was
+    (settings read from the run's dataset_info.json): no train/serve skew."""
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from tqdm import tqdm
+
+    from training.fit import TrainError, load_config
+
+    try:
+        cfg = load_config(run)
+    except FileNotFoundError:
+        raise DrpipeError(f"{run}: not a drpipe run (no config.json)") from None
+    if not (Path(cfg.data) / "dataset_info.json").exists():
+        raise DrpipeError(f"{run} was trained on {cfg.data}, whose dataset_info.json (the "
+                          "preprocessing to repeat) is missing")
+    if not (run / ("model.keras" if checkpoint == "final" else "checkpoints/best.keras")).exists():
+        raise DrpipeError(f"{run}: no {checkpoint} model (is the run finished?)")
+    from training.predict import expand, predict_photos, write_csv
+
+    total = len(expand(sources))
+    if not total:
+        raise click.UsageError("no photos found in " + ", ".join(map(str, sources)))
+    try:
+        with tqdm(total=total, unit="photo", desc="predict", disable=None) as bar:
+            preds = predict_photos(run, sources, checkpoint, progress=bar.update)
+    except TrainError as e:
+        raise DrpipeError(str(e)) from None
+    write_csv(preds, out)
+    ok = [p for p in preds if p.status == "ok"]
+    click.echo(f"{len(ok)} of {len(preds)} photos graded -> {out}")
+    rejected = [p for p in preds if p.status != "ok"]
+    if rejected:
+        click.echo(f"rejected {len(rejected)}:")
+        for p in rejected:
+            click.echo(f"  {p.path}: {p.reason}")
+
+
 def _expand_sources(src) -> list[Path]:
     files: list[Path] = []
     for s in src:

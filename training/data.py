@@ -62,25 +62,35 @@ def dct_ratio(stored: int, image_size: int) -> int:
     return 1
 
 
-def _parse(data_dir, image_size: int):
-    spec = tf_feature_spec()
-    stored, fmt = stored_image(data_dir)
+def image_decoder(stored: int, fmt: str, image_size: int):
+    """The function turning a record's encoded image into the model's input: float32
+    [S, S, 3] in 0..255. Training, evaluation and ``drpipe predict`` all use it, so a photo
+    reaches the model the same way whichever command it came through."""
     ratio = dct_ratio(stored, image_size) if fmt == "jpeg" else 1
+    decoded = stored // ratio
 
-    def parse(serialized):
-        ex = tf.io.parse_single_example(serialized, spec)
+    def decode(encoded):
         if fmt == "jpeg":
-            img = tf.io.decode_jpeg(ex["image/encoded"], channels=3, ratio=ratio)
+            img = tf.io.decode_jpeg(encoded, channels=3, ratio=ratio)
         else:
-            img = tf.io.decode_png(ex["image/encoded"], channels=3)
+            img = tf.io.decode_png(encoded, channels=3)
         img.set_shape([None, None, 3])
-        decoded = stored // ratio
         if decoded != image_size:
             # Bilinear reads 2x2 neighbours: no aliasing while shrinking by under 1.25x (256
             # -> 224 after a ratio-2 decode), and 20 % cheaper per photo than area here.
             method = "bilinear" if decoded < 1.25 * image_size else "area"
             img = tf.image.resize(img, [image_size, image_size], method=method)
-        return tf.cast(img, tf.float32), ex["image/class/label"]
+        return tf.cast(img, tf.float32)
+    return decode
+
+
+def _parse(data_dir, image_size: int):
+    spec = tf_feature_spec()
+    decode = image_decoder(*stored_image(data_dir), image_size)
+
+    def parse(serialized):
+        ex = tf.io.parse_single_example(serialized, spec)
+        return decode(ex["image/encoded"]), ex["image/class/label"]
     return parse
 
 
