@@ -423,7 +423,7 @@ def train(resume, **kw):
             raise click.BadParameter(f"unknown model {kw['model']!r}; choose from "
                                      f"{', '.join(MODEL_NAMES)}", param_hint="--model")
         kw["out"] = kw["out"] or default_run_dir()
-        kw["data"] = str(kw["data"])
+        kw["data"] = str(Path(kw["data"]).resolve())  # predict/evaluate run from anywhere
         cfg = TrainConfig(**kw)
     try:
         result = run_training(cfg, resume=bool(resume), log=click.echo)
@@ -511,6 +511,30 @@ def predict(run, sources, out, checkpoint):
         click.echo(f"rejected {len(rejected)}:")
         for p in rejected:
             click.echo(f"  {p.path}: {p.reason}")
+
+
+@main.command()
+@click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="A .png file for one photo, else a directory ({id}_gradcam.png each).")
+@click.option("--class", "class_index", type=click.IntRange(0, 4), default=None,
+              help="Grade to explain [default: the predicted one].")
+def explain(run, images, out, class_index):
+    """Grad-CAM heat maps: where in the processed photo the RUN's model saw the evidence
+    for the predicted (or a chosen) grade. Each PNG: the photo | the heat map over it."""
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from training.explain import explain_photos
+
+    if not (run / "model.keras").exists():
+        raise DrpipeError(f"{run}: no model.keras (is the run finished?)")
+    for target, result in explain_photos(run, images, out, class_index):
+        if isinstance(result, tuple):
+            click.echo(f"{target}: grade {result[0]}")
+        else:
+            click.echo(f"{target}: rejected, {result}")
 
 
 def _expand_sources(src) -> list[Path]:

@@ -1,0 +1,119 @@
+"""``drpipe explain``: Grad-CAM heat maps over the processed photo.
+
+Grad-CAM (Selvaraju et al. 2017): the gradient of the class score with respect to the last
+convolutional feature map, averaged over space, weights the map's channels; their ReLU'd
+sum, upsampled, says where the evidence for that class is. Works for the from-scratch
+networks and for Keras Applications backbones (whose last convolution sits inside the
+nested backbone model).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+
+def _last_4d_layer(layers) -> str:
+    for layer in reversed(layers):
+        shape = getattr(layer, "output", None)
+        if shape is not None and len(layer.output.shape) == 4:
+            return layer.name
+    raise ValueError("no convolutional feature map in this model")
+
+
+def grad_cam(model, image: np.ndarray, class_index: int | None = None
+             ) -> tuple[np.ndarray, int, np.ndarray]:
+    """(heat map in [0, 1] at the image's size, the class explained, model output).
+
+    ``image``: float32 [S, S, 3] in 0..255, as the model takes it. For one-output models
+    (referable, regression) the explained score is that output.
+    """
+    import keras
+    import tensorflow as tf
+
+    names = [layer.name for layer in model.layers]
+    x = tf.convert_to_tensor(image[None], tf.float32)
+    if "backbone" in names:
+        bb = model.get_layer("backbone")
+        i = names.index("backbone")
+        conv = bb.get_layer(_last_4d_layer(bb.layers))
+        inner = keras.Model(bb.inputs, [conv.output, bb.output])
+        before, after = model.layers[1:i], model.layers[i + 1:]
+    else:
+        i = names.index(_last_4d_layer(model.layers))
+        inner = keras.Model(model.inputs, [model.layers[i].output])
+        before, after = [], model.layers[i + 1:]
+    with tf.GradientTape() as tape:
+        h = x
+        for layer in before:
+            h = layer(h, training=False)
+        if "backbone" in names:
+            fmap, h = inner(h, training=False)
+        else:
+            fmap = h = inner(h, training=False)
+        for layer in after:
+            h = layer(h, training=False)
+        y = h
+        if y.shape[-1] > 1:
+            idx = int(tf.argmax(y[0])) if class_index is None else int(class_index)
+        else:
+            idx = 0
+        score = y[:, idx]
+    grads = tape.gradient(score, fmap)
+    weights = tf.reduce_mean(grads, axis=(1, 2))  # per channel
+    cam = tf.nn.relu(tf.reduce_sum(fmap * weights[:, None, None, :], axis=-1))[0].numpy()
+    cam = cam / cam.max() if cam.max() > 0 else cam
+    cam = cv2.resize(cam.astype(np.float32), image.shape[1::-1], interpolation=cv2.INTER_CUBIC)
+    return np.clip(cam, 0, 1), idx, np.asarray(y[0])
+
+
+def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """The heat map (JET: blue = none, red = most) blended over the RGB photo."""
+    heat = cv2.applyColorMap((cam * 255).astype(np.uint8), cv2.COLORMAP_JET)
+    heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB)
+    return cv2.addWeighted(image.astype(np.uint8), 1 - alpha, heat, alpha, 0)
+
+
+def explain_photos(run: str | Path, images, out: str | Path,
+                   class_index: int | None = None) -> list[tuple[str, object]]:
+    """Write one PNG per photo (photo | heat map overlay). Returns [(path, result)], the
+    result being (class, output) or the Rejection of a photo that cannot be processed."""
+    import keras
+    import tensorflow as tf
+
+    import training.models  # noqa: F401 - registers the custom layers
+    from pipeline.encode import encode
+    from pipeline.process import Rejection, prepare_or_reject, read_photo
+    from training.data import image_decoder
+    from training.fit import load_config
+    from training.predict import expand, process_config_of
+
+    run = Path(run)
+    cfg = load_config(run)
+    proc = process_config_of(cfg.data)
+    model = keras.saving.load_model(run / "model.keras")
+    decode = image_decoder(proc.size, proc.format, cfg.image_size)
+    files = expand(images)
+    out = Path(out)
+    single = len(files) == 1 and out.suffix.lower() == ".png"
+    if not single:
+        out.mkdir(parents=True, exist_ok=True)
+    done = []
+    for path in files:
+        data = read_photo(path)
+        result = data if isinstance(data, Rejection) else prepare_or_reject(data, proc)
+        if isinstance(result, Rejection):
+            done.append((str(path), result))
+            continue
+        img = decode(tf.constant(encode(result.image, proc.format, proc.quality))).numpy()
+        cam, idx, y = grad_cam(model, img, class_index)
+        panel = np.hstack([img.astype(np.uint8), overlay(img, cam)])
+        label = (f"grade {idx}: p={y[idx]:.2f}" if len(y) > 1 else f"output {y[0]:.2f}")
+        cv2.putText(panel, label, (6, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1,
+                    cv2.LINE_AA)
+        target = out if single else out / f"{path.stem}_gradcam.png"
+        cv2.imwrite(str(target), cv2.cvtColor(panel, cv2.COLOR_RGB2BGR))
+        done.append((str(target), (idx, y)))
+    return done
