@@ -280,8 +280,9 @@ def _print_summary(s: dict, out: Path) -> None:
         click.echo(f"{out}: already complete ({s['ok']} photos in "
                    f"{sum(s['shards'].values())} shards); nothing to do")
         return
-    click.echo(f"{s['ok']} of {s['photos']} photos written to {sum(s['shards'].values())} "
-               f"shards in {out}/ ({s['timings']['total_s']:.1f} s"
+    n_shards = sum(s["shards"].values())
+    click.echo(f"{s['ok']} of {s['photos']} photos written to {n_shards} "
+               f"shard{'s' if n_shards != 1 else ''} in {out}/ ({s['timings']['total_s']:.1f} s"
                + (f", {s['photos_per_s']:.1f} photos/s" if s.get("photos_per_s") else "") + ")")
     for split, grades in s["counts"].items():
         click.echo(f"  {split:>6}: {sum(grades):6d} photos, grades 0-4: "

@@ -242,8 +242,10 @@ def _start_client(opts: RunOptions):
                            f"{type(e).__name__}: {e}") from None
         return client, None
     n = opts.workers or os.cpu_count() or 1
+    # The scheduler serves HTTP (health, metrics) even without a dashboard; on localhost and
+    # any free port it neither collides with another cluster's 8787 nor faces the network.
     cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                           dashboard_address=None, silence_logs=logging.ERROR)
+                           dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR)
     return Client(cluster), cluster
 
 
