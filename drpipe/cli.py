@@ -108,6 +108,13 @@ def main():
     Typical use:
       drpipe synth --out raw                  # built-in demo data (Kaggle layout)
       drpipe preview raw/train --out preview  # check a configuration on a few photos
+      drpipe preprocess --src raw --out shards
+      drpipe train --data shards --out runs/first
+      drpipe evaluate runs/first --split test
+      drpipe predict runs/first --src new_photos/ --out preds.csv
+
+    Exit codes: 0 done (rejected photos are listed, not failures), 1 the run failed,
+    2 usage error, 3 bad input data (labels, source layout).
     """
 
 
