@@ -17,8 +17,6 @@ import click
 
 from drpipe import __version__
 
-IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp"}
-
 
 class DrpipeError(click.ClickException):
     """A user-facing failure: printed as one line, exit code 1, no traceback."""
@@ -166,9 +164,10 @@ def preview(src, out, size, filter_, quality, clahe_clip, clahe_tiles, limit):
     from pipeline.encode import encode
     from pipeline.preview import SheetEntry, contact_sheet
     from pipeline.process import Rejection, prepare_or_reject, read_photo
+    from pipeline.sources import expand_photo_paths
 
     cfg = make_process_config(size, filter_, quality, clahe_clip, clahe_tiles)
-    files = _expand_sources(src)[:limit]
+    files = expand_photo_paths(src)[:limit]
     if not files:
         raise click.UsageError("no photos found in " + ", ".join(map(str, src)))
     out.mkdir(parents=True, exist_ok=True)
@@ -501,9 +500,10 @@ def predict(run, sources, out, checkpoint):
                           "preprocessing to repeat) is missing")
     if not (run / ("model.keras" if checkpoint == "final" else "checkpoints/best.keras")).exists():
         raise DrpipeError(f"{run}: no {checkpoint} model (is the run finished?)")
-    from training.predict import expand, predict_photos, write_csv
+    from pipeline.sources import expand_photo_paths
+    from training.predict import predict_photos, write_csv
 
-    total = len(expand(sources))
+    total = len(expand_photo_paths(sources))
     if not total:
         raise click.UsageError("no photos found in " + ", ".join(map(str, sources)))
     try:
@@ -543,17 +543,6 @@ def explain(run, images, out, class_index):
             click.echo(f"{target}: grade {result[0]}")
         else:
             click.echo(f"{target}: rejected, {result}")
-
-
-def _expand_sources(src) -> list[Path]:
-    files: list[Path] = []
-    for s in src:
-        if s.is_dir():
-            files += sorted(p for p in s.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
-                            and not any(part.startswith(".") for part in p.relative_to(s).parts))
-        else:
-            files.append(s)
-    return files
 
 
 def run() -> None:

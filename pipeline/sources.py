@@ -144,6 +144,19 @@ def _parse_grade(raw: str) -> int | None:
     return int(value)
 
 
+def expand_photo_paths(sources) -> list[Path]:
+    """Files and folders (searched recursively, in name order, hidden entries skipped) ->
+    photo paths. Named files are kept whatever their suffix: the reader judges them."""
+    files: list[Path] = []
+    for s in map(Path, sources):
+        if s.is_dir():
+            files += sorted(p for p in s.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+                            and not any(part.startswith(".") for part in p.relative_to(s).parts))
+        else:
+            files.append(s)
+    return files
+
+
 def _scan(folder: Path, root: Path) -> dict[str, str]:
     """{image id: path relative to root} for image files under ``folder`` (recursive).
 

@@ -86,16 +86,17 @@ def explain_photos(run: str | Path, images, out: str | Path,
     import training.models  # noqa: F401 - registers the custom layers
     from pipeline.encode import encode
     from pipeline.process import Rejection, prepare_or_reject, read_photo
+    from pipeline.sources import expand_photo_paths
     from training.data import image_decoder
     from training.fit import load_config
-    from training.predict import expand, process_config_of
+    from training.predict import process_config_of
 
     run = Path(run)
     cfg = load_config(run)
     proc = process_config_of(cfg.data)
     model = keras.saving.load_model(run / "model.keras")
     decode = image_decoder(proc.size, proc.format, cfg.image_size)
-    files = expand(images)
+    files = expand_photo_paths(images)
     out = Path(out)
     single = len(files) == 1 and out.suffix.lower() == ".png"
     if not single:

@@ -19,8 +19,7 @@ import numpy as np
 from pipeline.encode import encode
 from pipeline.filters import FilterParams
 from pipeline.process import ProcessConfig, Rejection, prepare_or_reject, read_photo
-
-IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp"}
+from pipeline.sources import expand_photo_paths
 
 
 @dataclass(frozen=True)
@@ -41,17 +40,6 @@ def process_config_of(data_dir: str | Path) -> ProcessConfig:
     proc = dict(info["config"]["process"])
     proc["filter_params"] = FilterParams(**proc.get("filter_params", {}))
     return ProcessConfig(**proc)
-
-
-def expand(sources) -> list[Path]:
-    files: list[Path] = []
-    for s in map(Path, sources):
-        if s.is_dir():
-            files += sorted(p for p in s.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
-                            and not any(part.startswith(".") for part in p.relative_to(s).parts))
-        else:
-            files.append(s)
-    return files
 
 
 def predict_photos(run: str | Path, sources, checkpoint: str = "final",
@@ -86,7 +74,7 @@ def predict_photos(run: str | Path, sources, checkpoint: str = "final",
             out.append(_prediction(path, row, cfg.task, thresholds, apply_thresholds))
         pending.clear()
 
-    for path in expand(sources):
+    for path in expand_photo_paths(sources):
         data = read_photo(path)
         result = data if isinstance(data, Rejection) else prepare_or_reject(data, proc)
         if isinstance(result, Rejection):
