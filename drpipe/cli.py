@@ -481,7 +481,10 @@ def evaluate(run, data, split, checkpoint):
                                       "rejected photos with their reasons.")
 @click.option("--checkpoint", type=click.Choice(["final", "best"]), default="final",
               show_default=True)
-def predict(run, sources, out, checkpoint):
+@click.option("--exported", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Run this model from drpipe export (SavedModel dir or .tflite) instead of "
+                   "the run's Keras model, with the same preprocessing.")
+def predict(run, sources, out, checkpoint, exported):
     """Grade raw photos with a trained RUN, preprocessed exactly as its training data was
     (settings read from the run's dataset_info.json): no train/serve skew."""
     import os
@@ -498,7 +501,8 @@ def predict(run, sources, out, checkpoint):
     if not (Path(cfg.data) / "dataset_info.json").exists():
         raise DrpipeError(f"{run} was trained on {cfg.data}, whose dataset_info.json (the "
                           "preprocessing to repeat) is missing")
-    if not (run / ("model.keras" if checkpoint == "final" else "checkpoints/best.keras")).exists():
+    if not exported and not (run / ("model.keras" if checkpoint == "final"
+                                    else "checkpoints/best.keras")).exists():
         raise DrpipeError(f"{run}: no {checkpoint} model (is the run finished?)")
     from pipeline.sources import expand_photo_paths
     from training.predict import predict_photos, write_csv
@@ -508,7 +512,8 @@ def predict(run, sources, out, checkpoint):
         raise click.UsageError("no photos found in " + ", ".join(map(str, sources)))
     try:
         with tqdm(total=total, unit="photo", desc="predict", disable=None) as bar:
-            preds = predict_photos(run, sources, checkpoint, progress=bar.update)
+            preds = predict_photos(run, sources, checkpoint, progress=bar.update,
+                                   exported=exported)
     except TrainError as e:
         raise DrpipeError(str(e)) from None
     write_csv(preds, out)
@@ -543,6 +548,45 @@ def explain(run, images, out, class_index):
             click.echo(f"{target}: grade {result[0]}")
         else:
             click.echo(f"{target}: rejected, {result}")
+
+
+@main.command()
+@click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["savedmodel", "tflite"]),
+              default="savedmodel", show_default=True,
+              help="SavedModel (TF Serving) or TensorFlow Lite (LiteRT: phones, edge devices).")
+@click.option("--quantize", type=click.Choice(["dynamic", "float16", "int8"]), default=None,
+              is_flag=False, flag_value="dynamic",
+              help="TFLite only. --quantize alone = dynamic (int8 weights); float16; int8 "
+                   "(weights and activations, calibrated on training photos).")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="[default: RUN/export/FORMAT[-QUANT][.tflite]]")
+@click.option("--checkpoint", type=click.Choice(["final", "best"]), default="final",
+              show_default=True)
+@click.option("--threads", type=click.IntRange(1), default=1, show_default=True,
+              help="LiteRT interpreter threads for the latency measurement.")
+def export(run, fmt, quantize, out, checkpoint, threads):
+    """A deployable model from a trained RUN, with its size and CPU latency per photo.
+
+    Checks the export against the Keras model on photos of the run's validation split (same
+    grades, largest output difference) and writes OUT's settings, preprocessing and those
+    numbers to a .export.json beside it. Input: float32 [n, S, S, 3] RGB in [0, 255], the
+    processed photo (drpipe predict makes it from a raw photo).
+    """
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from training.export import ExportError
+    from training.export import export as run_export
+
+    try:
+        r = run_export(run, fmt, out, quantize, checkpoint, threads=threads, log=click.echo)
+    except ExportError as e:
+        raise DrpipeError(str(e)) from None
+    click.echo(r.summary())
+    if r.same_grade < r.checked_photos:
+        click.echo(f"note: {r.checked_photos - r.same_grade} photo(s) graded differently "
+                   "(quantisation moves outputs near a decision boundary)")
 
 
 def run() -> None:

@@ -43,7 +43,10 @@ def process_config_of(data_dir: str | Path) -> ProcessConfig:
 
 
 def predict_photos(run: str | Path, sources, checkpoint: str = "final",
-                   batch_size: int = 16, progress=None) -> list[Prediction]:
+                   batch_size: int = 16, progress=None,
+                   exported: str | Path | None = None) -> list[Prediction]:
+    """Grades for photos. ``exported``: a model from ``drpipe export`` (SavedModel directory
+    or .tflite) to run instead of the run's Keras model, with the same preprocessing."""
     import keras
     import tensorflow as tf
 
@@ -55,8 +58,16 @@ def predict_photos(run: str | Path, sources, checkpoint: str = "final",
     run = Path(run)
     cfg = load_config(run)
     proc = process_config_of(cfg.data)
-    model = keras.saving.load_model(run / ("model.keras" if checkpoint == "final"
-                                           else "checkpoints/best.keras"))
+    if exported:
+        from training.export import runner
+
+        model = runner(exported)
+    else:
+        keras_model = keras.saving.load_model(run / ("model.keras" if checkpoint == "final"
+                                                     else "checkpoints/best.keras"))
+
+        def model(x):
+            return keras_model(x, training=False)
     decode = image_decoder(proc.size, proc.format, cfg.image_size)
     thresholds = None
     if cfg.task == "regression":
@@ -69,7 +80,7 @@ def predict_photos(run: str | Path, sources, checkpoint: str = "final",
         if not pending:
             return
         batch = np.stack([img for _, img in pending])
-        y = np.asarray(model(batch, training=False), np.float32)
+        y = np.asarray(model(batch), np.float32)
         for (path, _), row in zip(pending, y, strict=True):
             out.append(_prediction(path, row, cfg.task, thresholds, apply_thresholds))
         pending.clear()

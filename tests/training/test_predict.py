@@ -1,4 +1,5 @@
-"""drpipe predict: raw photos in, grades out — the same numbers the model gives the records."""
+"""drpipe predict, explain and export: raw photos in, grades out — the same numbers the model
+gives the records, in Keras or exported."""
 
 from __future__ import annotations
 
@@ -104,3 +105,50 @@ def test_grad_cam_depends_on_the_class_and_works_through_backbones():
         maps = [grad_cam(model, img, k)[0] for k in range(5)]
         assert all(m.shape == (96, 96) and 0 <= m.min() and m.max() <= 1 for m in maps)
         assert any(not np.allclose(maps[0], m, atol=1e-3) for m in maps[1:]), name
+
+
+def test_export_grades_like_the_keras_model_on_the_sample(run, sample_dir, tmp_path):
+    """SavedModel and TFLite exports, run with predict's preprocessing over the 31 real
+    photos, give the Keras model's grades (and outputs, to float precision); the quantised
+    TFLite model is 2-4x smaller and agrees wherever the decision is not a near-tie."""
+    import json
+
+    drpipe("predict", run / "run", "--src", sample_dir / "train", "--out", tmp_path / "k.csv")
+    keras_rows = _rows(tmp_path / "k.csv")
+    assert len(keras_rows) == 31
+    sizes = {}
+    for args, name in ((["--format", "savedmodel"], "savedmodel"),
+                       (["--format", "tflite"], "tflite.tflite"),
+                       (["--format", "tflite", "--quantize"], "tflite-dynamic.tflite")):
+        r = drpipe("export", run / "run", *args)
+        assert "CPU latency per photo" in r.stdout and "same grade as the Keras model" in r.stdout
+        path = run / "run/export" / name
+        meta = json.loads((run / "run/export" / (name.removesuffix(".tflite")
+                                                 + ".export.json")).read_text())
+        assert meta["bytes"] > 0 and meta["latency_ms_median"] > 0
+        assert meta["checked_photos"] == 20 and meta["preprocessing"]["size"] == 96
+        sizes[name] = meta["bytes"]
+        drpipe("predict", run / "run", "--src", sample_dir / "train", "--exported", path,
+               "--out", tmp_path / "e.csv")
+        rows = _rows(tmp_path / "e.csv")
+        assert rows.keys() == keras_rows.keys()
+        for k, want in keras_rows.items():
+            p_want = np.array([float(want[f"p_grade{g}"]) for g in range(5)])
+            p_got = np.array([float(rows[k][f"p_grade{g}"]) for g in range(5)])
+            if "dynamic" not in name:
+                assert rows[k]["grade"] == want["grade"], (name, k)
+                np.testing.assert_allclose(p_got, p_want, atol=2e-5)
+            else:
+                np.testing.assert_allclose(p_got, p_want, atol=0.02)
+                top2 = np.sort(p_want)[-2:]
+                if top2[1] - top2[0] > 0.02:
+                    assert rows[k]["grade"] == want["grade"], (name, k)
+    # float32 weights in the float TFLite model; int8 weights in the dynamic one
+    assert 2 < sizes["tflite.tflite"] / sizes["tflite-dynamic.tflite"] < 4.5
+
+
+def test_export_errors(run):
+    r = drpipe("export", run / "run", "--format", "savedmodel", "--quantize", check=False)
+    assert r.returncode == 1 and "--quantize applies to --format tflite" in r.stderr
+    r = drpipe("export", run / "raw", check=False)
+    assert r.returncode == 1 and "not a drpipe run" in r.stderr
