@@ -551,6 +551,50 @@ def explain(run, images, out, class_index):
 
 
 @main.command()
+@click.argument("runs", nargs=-1, required=True,
+                type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--method", type=click.Choice(["vote", "mean", "weighted", "stack"]),
+              default="mean", show_default=True,
+              help="vote: majority, ties to the best member; mean: validation-accuracy-"
+                   "weighted average; weighted: per-grade F1-weighted average; stack: "
+                   "logistic regression fitted on validation predictions.")
+@click.option("--data", default=None, help="Shards [default: the first run's].")
+@click.option("--split", default="test", show_default=True, help="Split to score.")
+@click.option("--val-split", default=None,
+              help="Split the weights / stacker are fitted on [default: the run's val].")
+@click.option("--checkpoint", type=click.Choice(["final", "best"]), default="final",
+              show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory for ensemble.json and the confusion matrix "
+                   "[default: runs/ensemble-METHOD-<timestamp>].")
+def ensemble(runs, method, data, split, val_split, checkpoint, out):
+    """Combine trained grade models (RUNS) and score the combination beside each member,
+    with the metrics of drpipe evaluate."""
+    import os
+    import time
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from training.ensemble import EnsembleError
+    from training.ensemble import ensemble as run_ensemble
+
+    out = out or Path("runs") / f"ensemble-{method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        r = run_ensemble(list(runs), method, data, split, val_split, checkpoint, out,
+                         log=click.echo)
+    except EnsembleError as e:
+        raise DrpipeError(str(e)) from None
+    rows = [(f"ensemble ({method})", r["ensemble"])] + [
+        (m["run"], m) for m in r["members"]]
+    width = max(len(name) for name, _ in rows)
+    click.echo(f"{split} (n={r['ensemble']['n']}):")
+    click.echo(f"  {'':{width}}  kappa  accuracy  val kappa")
+    for name, m in rows:
+        val = f"{m['val_quadratic_kappa']:9.3f}" if "val_quadratic_kappa" in m else ""
+        click.echo(f"  {name:{width}}  {m['quadratic_kappa']:5.3f}  {m['accuracy']:8.3f}  {val}")
+    click.echo(f"-> {out}/ensemble.json")
+
+
+@main.command()
 @click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["savedmodel", "tflite"]),
               default="savedmodel", show_default=True,
@@ -587,6 +631,84 @@ def export(run, fmt, quantize, out, checkpoint, threads):
     if r.same_grade < r.checked_photos:
         click.echo(f"note: {r.checked_photos - r.same_grade} photo(s) graded differently "
                    "(quantisation moves outputs near a decision boundary)")
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--data", type=click.Path(file_okay=False, path_type=Path), default="shards",
+              show_default=True, help="Output of drpipe preprocess.")
+@click.option("--lr", "lrs", default="1e-3,1e-4", show_default=True,
+              help="Learning rates to try (comma-separated; '' = not a grid axis).")
+@click.option("--batch-size", "batch_sizes", default="16,32", show_default=True,
+              help="Batch sizes to try (comma-separated; '' = not a grid axis).")
+@click.option("--grid", "grids", multiple=True, metavar="OPTION=V1,V2,...",
+              help="Any other drpipe train option as a grid axis (repeatable), e.g. "
+                   "--grid model=resnetv2-small,cnn-small --grid augment=pisa,full.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Tuning directory [default: runs/tune-<timestamp>]; repeat the command with "
+                   "the same --out to continue an interrupted tuning.")
+@click.argument("train_args", nargs=-1, type=click.UNPROCESSED)
+def tune(data, lrs, batch_sizes, grids, out, train_args):
+    """A grid over learning rate x batch size (Zhong & Cao) or any drpipe train options:
+    one complete run per point, and a summary sorted by validation kappa.
+
+    Other drpipe train options are passed to every point, e.g.
+    drpipe tune --lr 1e-3,3e-4 --batch-size 16,32 --model resnetv2-small --epochs 20
+    Writes OUT/summary.csv, OUT/tune.png, one run directory and one log per point.
+    """
+    import time
+
+    from tqdm import tqdm
+
+    from training.tune import TuneError, parse_grid, plan
+    from training.tune import tune as run_tune
+
+    items = []
+    if lrs.strip():
+        items.append(f"lr={lrs}")
+    if batch_sizes.strip():
+        items.append(f"batch-size={batch_sizes}")
+    try:
+        grid = parse_grid([*items, *grids])
+    except TuneError as e:
+        raise click.UsageError(str(e)) from None
+    if "data" in grid:  # preprocessing variants as a grid axis
+        grid["data"] = [str(Path(v).resolve()) for v in grid["data"]]
+    fixed = list(train_args)
+    for flag in ("--out", "--resume", "--config"):
+        if any(a == flag or a.startswith(flag + "=") for a in fixed):
+            raise click.UsageError(f"{flag} is set by drpipe tune, not per run")
+    if "data" not in grid:
+        if not (data / "dataset_info.json").exists():
+            raise DrpipeError(f"{data}: no drpipe shards here (no dataset_info.json); run "
+                              "drpipe preprocess first, or give --data")
+        fixed = ["--data", str(data.resolve()), *fixed]
+    out = out or Path("runs") / f"tune-{time.strftime('%Y%m%d-%H%M%S')}"
+    points = plan(grid, out)
+    for p in points:  # every point's flags are checked before anything trains
+        try:
+            train.make_context("drpipe train", p.args(fixed))
+        except click.ClickException as e:
+            raise click.UsageError(f"point {p.name}: {e.format_message()}") from None
+    click.echo(f"{len(points)} points: " + " x ".join(f"{k} {{{', '.join(v)}}}"
+                                                      for k, v in grid.items()) + f" -> {out}")
+    try:
+        with tqdm(total=len(points), unit="run", desc="tune", disable=None) as bar:
+            ranked = run_tune(grid, fixed, out, progress=bar.update, log=tqdm.write)
+    except TuneError as e:
+        raise DrpipeError(str(e)) from None
+    width = max(len(p.name) for p in ranked)
+    click.echo(f"{'rank':>4}  {'point':{width}}  val kappa  val acc  best epoch (kappa)")
+    for i, p in enumerate(ranked, 1):
+        if p.metrics:
+            best = (f"{p.best_epoch} ({p.best_epoch_kappa:.3f})" if p.best_epoch else "")
+            click.echo(f"{i:>4}  {p.name:{width}}  {p.metrics['quadratic_kappa']:9.3f}  "
+                       f"{p.metrics['accuracy']:7.3f}  {best}")
+        else:
+            click.echo(f"{'-':>4}  {p.name:{width}}  failed: {p.error}")
+    click.echo(f"-> {out}/summary.csv, {out}/tune.png")
+    failed = [p for p in ranked if p.status != "done"]
+    if failed:
+        raise DrpipeError(f"{len(failed)} of {len(ranked)} points failed (logs in {out})")
 
 
 def run() -> None:

@@ -1,0 +1,5 @@
+"""``python -m drpipe``: the same as the ``drpipe`` command."""
+
+from drpipe.cli import run
+
+run()

@@ -1,0 +1,113 @@
+"""drpipe tune and drpipe ensemble on one fixed synthetic split: two differently seeded
+runs from a tuning grid, combined four ways."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.training.test_train import drpipe
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory) -> Path:
+    """500 synthetic photos 60/20/20 (100 to score on: kappa on fewer moves by a photo's
+    worth); a tuning over seed (1, 2) at one lr and batch size."""
+    d = tmp_path_factory.mktemp("tune")
+    drpipe("synth", "--out", d / "raw", "--n", 500, "--seed", 3, "--quiet")
+    drpipe("preprocess", "--src", d / "raw", "--out", d / "shards", "--size", 128,
+           "--split", "train=0.6,val=0.2,test=0.2", "--quiet")
+    drpipe("tune", "--data", d / "shards", "--lr", "1e-3", "--batch-size", "16",
+           "--grid", "seed=1,2", "--model", "resnetv2-small", "--image-size", 96,
+           "--epochs", 8, "--augment", "flip", "--out", d / "tune")
+    return d
+
+
+def _summary(tune: Path) -> list[dict]:
+    return list(csv.DictReader(open(tune / "summary.csv", encoding="utf-8")))
+
+
+def test_tune_trains_every_point_and_ranks_them(tuned):
+    tune = tuned / "tune"
+    rows = _summary(tune)
+    assert sorted(r["seed"] for r in rows) == ["1", "2"]
+    assert sorted(r["point"] for r in rows) == ["seed=1", "seed=2"]  # named by what varies
+    assert all(r["status"] == "done" for r in rows)
+    kappas = [float(r["val_kappa"]) for r in rows]
+    assert kappas == sorted(kappas, reverse=True) and [r["rank"] for r in rows] == ["1", "2"]
+    for r in rows:  # each point is a complete drpipe train run with the point's flags
+        run = Path(r["run"])
+        cfg = json.loads((run / "config.json").read_text())
+        assert cfg["seed"] == int(r["seed"]) and cfg["lr"] == 1e-3 and cfg["epochs"] == 8
+        assert cfg["model"] == "resnetv2-small" and cfg["image_size"] == 96
+        assert float(r["val_kappa"]) == pytest.approx(
+            json.loads((run / "metrics.json").read_text())["quadratic_kappa"], abs=1e-4)
+    assert (tune / "tune.png").stat().st_size > 5000
+    # the same command again: nothing retrained; a grid that differs is refused
+    again = drpipe("tune", "--data", tuned / "shards", "--lr", "1e-3", "--batch-size", "16",
+                   "--grid", "seed=1,2", "--model", "resnetv2-small", "--image-size", 96,
+                   "--epochs", 8, "--augment", "flip", "--out", tune)
+    assert "2 of 2 points already trained" in again.stdout + again.stderr
+    other = drpipe("tune", "--data", tuned / "shards", "--lr", "1e-3", "--out", tune,
+                   check=False)
+    assert other.returncode == 1 and "other settings" in other.stderr
+
+
+def test_tune_rejects_bad_points_before_training(tuned, tmp_path):
+    r = drpipe("tune", "--data", tuned / "shards", "--grid", "epochs=1,zero",
+               "--out", tmp_path / "t", check=False)
+    assert r.returncode == 2 and "point" in r.stderr and "epochs" in r.stderr
+    assert not (tmp_path / "t").exists()
+    r = drpipe("tune", "--data", tuned / "shards", "--out", tmp_path / "t", "--resume", "x",
+               check=False)
+    assert r.returncode == 2 and "--resume is set by drpipe tune" in r.stderr
+
+
+@pytest.mark.parametrize("method", ["vote", "mean", "weighted", "stack"])
+def test_ensemble_of_two_seeds_is_at_least_as_good_as_the_worse(tuned, method):
+    runs = sorted(Path(r["run"]) for r in _summary(tuned / "tune"))
+    out = tuned / f"ens-{method}"
+    r = drpipe("ensemble", *runs, "--method", method, "--split", "test", "--checkpoint", "best",
+               "--out", out)
+    assert f"ensemble ({method})" in r.stdout
+    rep = json.loads((out / "ensemble.json").read_text())
+    members = [m["quadratic_kappa"] for m in rep["members"]]
+    ens = rep["ensemble"]
+    assert ens["n"] == 100 and sum(map(sum, ens["confusion_matrix"])) == 100
+    # the members' test kappas are those drpipe evaluate gives each run
+    for run, k in zip(runs, members, strict=True):
+        drpipe("evaluate", run, "--split", "test", "--checkpoint", "best")
+        assert k == pytest.approx(
+            json.loads((run / "metrics-test.json").read_text())["quadratic_kappa"], abs=1e-6)
+    assert min(members) > 0.2, members  # the members learned something
+    assert ens["quadratic_kappa"] >= min(members) - 1e-9, (method, ens["quadratic_kappa"],
+                                                           members)
+    assert (out / "confusion_test.png").exists()
+
+
+def test_ensemble_vote_ties_go_to_the_best_member():
+    import numpy as np
+
+    from training.ensemble import vote
+
+    grades = np.array([[0, 1, 2, 3], [4, 1, 0, 3], [4, 2, 2, 0]])
+    # member 2 is the best, then 0, then 1
+    assert vote(grades, [2, 0, 1]).tolist() == [4, 1, 2, 3]
+    assert vote(grades[:2], [1, 0]).tolist() == [4, 1, 0, 3]  # two members: best wins ties
+
+
+def test_ensemble_errors(tuned, tmp_path):
+    run = sorted(Path(r["run"]) for r in _summary(tuned / "tune"))[0]
+    r = drpipe("ensemble", run, check=False)
+    assert r.returncode == 1 and "at least two runs" in r.stderr
+    r = drpipe("ensemble", run, tuned / "shards", check=False)
+    assert r.returncode == 1 and "not a drpipe run" in r.stderr
+    r = drpipe("ensemble", run, run.parent / "seed=2", "--split", "val", check=False)
+    assert run.name == "seed=1"
+    assert r.returncode == 1 and "would be scored on it" in r.stderr

@@ -1,0 +1,227 @@
+"""``drpipe ensemble``: combine trained grade models, as the reference works did by hand.
+
+Every member predicts the validation split (to set the combination's weights, or fit the
+stacker, and to rank the members) and the evaluated split; the combination is then scored
+with the same metrics as ``drpipe evaluate``, beside each member's.
+
+methods
+  vote      majority vote of the members' grades; a tie goes to the best member (by
+            validation kappa) among those that voted for a tied grade
+  mean      average of the members' probabilities, each member weighted by its validation
+            accuracy (accuracy-weighted averaging)
+  weighted  class-weighted averaging: member m's probability of grade g weighted by its
+            validation F1 on grade g (members good at a grade speak for it)
+  stack     a multinomial logistic regression (L2) on the members' log-probabilities,
+            fitted on the validation predictions
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from training import metrics as M
+
+METHODS = ("vote", "mean", "weighted", "stack")
+EPS = 1e-7
+
+
+class EnsembleError(RuntimeError):
+    """A one-line reason the ensemble cannot be made."""
+
+
+@dataclass
+class Member:
+    run: Path
+    val_y: np.ndarray
+    val_p: np.ndarray
+    y: np.ndarray
+    p: np.ndarray
+    val_metrics: dict = field(default_factory=dict)
+
+
+def vote(grades: np.ndarray, rank: list[int]) -> np.ndarray:
+    """Majority of ``grades`` [members, n]; ties to the best-ranked member voting for a tied
+    grade (``rank`` = member indices, best first)."""
+    n_members, n = grades.shape
+    out = np.empty(n, int)
+    for i in range(n):
+        counts = np.bincount(grades[:, i], minlength=M.N_GRADES)
+        tied = np.flatnonzero(counts == counts.max())
+        out[i] = next(grades[m, i] for m in rank if grades[m, i] in tied)
+    return out
+
+
+def accuracy_weights(members: list[Member]) -> np.ndarray:
+    acc = np.array([m.val_metrics["accuracy"] for m in members]) + EPS
+    return acc / acc.sum()
+
+
+def class_weights(members: list[Member]) -> np.ndarray:
+    """[members, grades]: validation F1 per grade, normalised over the members per grade
+    (equal where no member ever got a grade right)."""
+    f1 = np.array([m.val_metrics["per_class"]["f1"] for m in members]) + 1e-3
+    return f1 / f1.sum(axis=0, keepdims=True)
+
+
+@dataclass
+class Stacker:
+    """Multinomial logistic regression on concatenated log-probabilities; full-batch gradient
+    descent from zero (deterministic)."""
+
+    l2: float = 1e-2
+    steps: int = 2000
+    lr: float = 0.5
+    w: np.ndarray | None = None
+    b: np.ndarray | None = None
+    mean: np.ndarray | None = None
+    std: np.ndarray | None = None
+
+    @staticmethod
+    def features(probs: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate([np.log(p + EPS) for p in probs], axis=1)
+
+    def fit(self, x: np.ndarray, y: np.ndarray) -> Stacker:
+        self.mean, self.std = x.mean(axis=0), x.std(axis=0) + 1e-6
+        z = (x - self.mean) / self.std
+        onehot = np.eye(M.N_GRADES)[y]
+        w = np.zeros((z.shape[1], M.N_GRADES))
+        b = np.log(onehot.mean(axis=0) + 1e-3)  # start from the class prior
+        for _ in range(self.steps):
+            p = _softmax(z @ w + b)
+            g = p - onehot
+            w -= self.lr * (z.T @ g / len(z) + self.l2 * w)
+            b -= self.lr * g.mean(axis=0)
+        self.w, self.b = w, b
+        return self
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return _softmax(((x - self.mean) / self.std) @ self.w + self.b)
+
+
+def _softmax(a: np.ndarray) -> np.ndarray:
+    e = np.exp(a - a.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def combine(method: str, members: list[Member]) -> tuple[np.ndarray, dict]:
+    """(probabilities or one-hot votes [n, 5] on the evaluated split, what was fitted)."""
+    rank = sorted(range(len(members)),
+                  key=lambda i: -members[i].val_metrics["quadratic_kappa"])
+    if method == "vote":
+        g = vote(np.stack([m.p.argmax(axis=1) for m in members]), rank)
+        return np.eye(M.N_GRADES)[g], {"tie_break_order": [str(members[i].run) for i in rank]}
+    if method == "mean":
+        w = accuracy_weights(members)
+        return sum(wi * m.p for wi, m in zip(w, members, strict=True)), {
+            "weights": w.round(6).tolist()}
+    if method == "weighted":
+        w = class_weights(members)
+        return sum(w[i] * m.p for i, m in enumerate(members)), {
+            "class_weights": w.round(6).tolist()}
+    if method == "stack":
+        stacker = Stacker().fit(Stacker.features([m.val_p for m in members]),
+                                members[0].val_y.astype(int))
+        p = stacker.predict(Stacker.features([m.p for m in members]))
+        return p, {"stacker": {"w": stacker.w.round(6).tolist(),
+                               "b": stacker.b.round(6).tolist(),
+                               "mean": stacker.mean.round(6).tolist(),
+                               "std": stacker.std.round(6).tolist(),
+                               "features": "log(p + 1e-7) of each member, standardised"}}
+    raise EnsembleError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
+
+
+def load_members(runs: list[Path], data: str | None, split: str, val_split: str | None,
+                 checkpoint: str, log=print) -> tuple[list[Member], str, str]:
+    from training.fit import load_config
+
+    cfgs = []
+    for run in runs:
+        try:
+            cfg = load_config(run)
+        except FileNotFoundError:
+            raise EnsembleError(f"{run}: not a drpipe run (no config.json)") from None
+        if cfg.task != "grade":
+            raise EnsembleError(f"{run} is a {cfg.task!r} model; ensembles combine grade "
+                                "models (--task grade)")
+        model = run / ("model.keras" if checkpoint == "final" else "checkpoints/best.keras")
+        if not model.exists():
+            raise EnsembleError(f"{model} does not exist (is the run finished?)")
+        cfgs.append(cfg)
+    data = str(data or cfgs[0].data)
+    val_split = val_split or cfgs[0].val_split
+    info = Path(data) / "dataset_info.json"
+    if not info.exists():
+        raise EnsembleError(f"{data}: no drpipe shards here (no dataset_info.json)")
+    counts = json.loads(info.read_text())["counts"]
+    for s in (split, val_split):
+        if s not in counts:
+            raise EnsembleError(f"{data} has no split {s!r} (has {', '.join(counts)})")
+    if split == val_split:
+        raise EnsembleError(f"the evaluated split and the validation split are both {split!r}:"
+                            " weights fitted on it would be scored on it")
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+
+    import training.models  # noqa: F401 - registers the custom layers
+    from training.data import make_dataset
+    from training.fit import predict
+
+    members = []
+    for run, cfg in zip(runs, cfgs, strict=True):
+        log(f"predicting {val_split} and {split} with {run}")
+        model = keras.saving.load_model(
+            run / ("model.keras" if checkpoint == "final" else "checkpoints/best.keras"))
+        out = {}
+        for s in (val_split, split):
+            ds = make_dataset(data, s, image_size=cfg.image_size, batch_size=32)
+            out[s] = predict(model, ds, "grade")
+        m = Member(run, *out[val_split], *out[split])
+        m.val_metrics = M.grade_metrics(m.val_y.astype(int), m.val_p.argmax(axis=1))
+        members.append(m)
+        keras.backend.clear_session()
+    for m in members[1:]:  # same shards, read in the same order: same labels
+        assert np.array_equal(m.y, members[0].y) and np.array_equal(m.val_y, members[0].val_y)
+    return members, data, val_split
+
+
+def ensemble(runs: list[str | Path], method: str, data: str | None = None,
+             split: str = "test", val_split: str | None = None, checkpoint: str = "final",
+             out: str | Path | None = None, log=print) -> dict:
+    from training.fit import plot_confusion
+
+    if method not in METHODS:
+        raise EnsembleError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
+    runs = [Path(r) for r in runs]
+    if len(runs) < 2:
+        raise EnsembleError("an ensemble needs at least two runs")
+    if len(set(r.resolve() for r in runs)) < len(runs):
+        raise EnsembleError("a run is given twice")
+    members, data, val_split = load_members(runs, data, split, val_split, checkpoint, log)
+    p, fitted = combine(method, members)
+    y = members[0].y.astype(int)
+    result = M.grade_metrics(y, p.argmax(axis=1))
+    result.update(split=split, data=str(Path(data).resolve()), model=f"ensemble-{method}",
+                  task="grade")
+    report = {
+        "method": method, "split": split, "validation_split": val_split,
+        "checkpoint": checkpoint, "data": str(Path(data).resolve()), "ensemble": result,
+        "members": [{"run": str(m.run.resolve()),
+                     **M.grade_metrics(y, m.p.argmax(axis=1)),
+                     "val_quadratic_kappa": m.val_metrics["quadratic_kappa"],
+                     "val_accuracy": m.val_metrics["accuracy"]} for m in members],
+        "fitted": fitted,
+    }
+    if out:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / "ensemble.json.tmp"
+        tmp.write_text(json.dumps(report, indent=2))
+        os.replace(tmp, out / "ensemble.json")
+        plot_confusion(result, out / f"confusion_{split}.png")
+    return report

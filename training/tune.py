@@ -1,0 +1,246 @@
+"""``drpipe tune``: a grid over training flags, one ``drpipe train`` run per point.
+
+    tune/<name>/
+      tune.json               the grid and the fixed flags (a re-run must match them)
+      lr=0.001,batch-size=16/ a complete run directory per point (drpipe train --out)
+      lr=0.001,batch-size=16.log   that run's output
+      summary.csv             one row per point, sorted by validation kappa
+      tune.png                validation kappa per point (a heat map for a 2-D grid)
+
+Each point runs as its own ``drpipe train`` process: memory is returned between points,
+and a point's directory is exactly what ``drpipe train`` would make (evaluate, predict,
+export and ensemble take it as it is). Re-running the same command skips finished points
+and resumes an interrupted one from its last epoch.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class TuneError(RuntimeError):
+    """A one-line reason the tuning cannot start."""
+
+
+@dataclass
+class Point:
+    params: dict[str, str]  # option name (without --) -> value, in grid order
+    dir: Path
+    status: str = "pending"  # pending | done | failed
+    error: str = ""
+    metrics: dict | None = None
+    best_epoch_kappa: float | None = None
+    best_epoch: int | None = None
+
+    @property
+    def name(self) -> str:
+        return self.dir.name
+
+    def args(self, fixed: list[str]) -> list[str]:
+        args = list(fixed)
+        for k, v in self.params.items():
+            args += [f"--{k}", v]
+        return args + ["--out", str(self.dir)]
+
+
+def parse_grid(items: list[str]) -> dict[str, list[str]]:
+    """``["lr=1e-3,1e-4", "batch-size=16,32"]`` -> ordered {option: values}."""
+    grid: dict[str, list[str]] = {}
+    for item in items:
+        name, sep, values = item.partition("=")
+        name = name.strip().removeprefix("--").replace("_", "-")
+        vals = [v.strip() for v in values.split(",") if v.strip()]
+        if not sep or not name or not vals:
+            raise TuneError(f"--grid {item!r}: expected OPTION=V1,V2,... "
+                            "(e.g. lr=1e-3,1e-4)")
+        if name in ("out", "resume", "config"):
+            raise TuneError(f"--grid {item!r}: --{name} cannot vary across points")
+        if len(set(vals)) < len(vals):
+            raise TuneError(f"--grid {item!r}: a value is repeated")
+        grid[name] = vals
+    return grid
+
+
+def _safe(value: str) -> str:
+    return "".join(c if c.isalnum() or c in "+-._" else "_" for c in value)
+
+
+def plan(grid: dict[str, list[str]], out: Path) -> list[Point]:
+    """Every combination, in grid order; a point's directory is named by the axes that vary
+    (``lr=0.001,batch-size=16``), all of them when none does."""
+    varying = [k for k, v in grid.items() if len(v) > 1] or list(grid)
+    points = []
+    for combo in itertools.product(*grid.values()):
+        params = dict(zip(grid, combo, strict=True))
+        name = ",".join(f"{k}={_safe(params[k])}" for k in varying)
+        points.append(Point(params, out / name))
+    return points
+
+
+def _history_best(run: Path) -> tuple[float | None, int | None]:
+    from training.fit import read_history
+
+    rows = [r for r in read_history(run) if r.get("val_kappa") not in (None, "")]
+    if not rows:
+        return None, None
+    best = max(rows, key=lambda r: float(r["val_kappa"]))
+    return float(best["val_kappa"]), int(best["epoch"]) + 1
+
+
+def collect(point: Point) -> None:
+    if (point.dir / "metrics.json").exists() and (point.dir / "model.keras").exists():
+        point.status = "done"
+        point.metrics = json.loads((point.dir / "metrics.json").read_text())
+        point.best_epoch_kappa, point.best_epoch = _history_best(point.dir)
+
+
+def _drpipe() -> list[str]:
+    return [sys.executable, "-m", "drpipe"]
+
+
+def run_point(point: Point, fixed: list[str], log_path: Path) -> None:
+    """Train one point (or resume it), its output to ``log_path``."""
+    if (point.dir / "config.json").exists():
+        cmd = [*_drpipe(), "train", "--resume", str(point.dir)]
+    else:
+        cmd = [*_drpipe(), "train", *point.args(fixed)]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
+    with open(log_path, "a", encoding="utf-8") as log:
+        log.write("+ " + " ".join(cmd) + "\n")
+        log.flush()
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    collect(point)
+    if point.status != "done":
+        point.status = "failed"
+        point.error = _last_error(log_path) or f"drpipe train exited {rc}"
+
+
+def _last_error(log_path: Path) -> str:
+    lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+    for line in reversed(lines):
+        if line.startswith("drpipe: "):
+            return line.removeprefix("drpipe: ")
+    return ""
+
+
+def check_manifest(out: Path, grid: dict[str, list[str]], fixed: list[str]) -> None:
+    """A tune directory belongs to one grid and one set of fixed flags."""
+    want = {"grid": grid, "train_flags": fixed}
+    path = out / "tune.json"
+    if path.exists():
+        have = json.loads(path.read_text())
+        if have != want:
+            raise TuneError(f"{out} holds a tuning with other settings ({path}); choose "
+                            "another --out, or repeat the same command to continue it")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "tune.json.tmp"
+    tmp.write_text(json.dumps(want, indent=2))
+    os.replace(tmp, path)
+
+
+SUMMARY_COLUMNS = ["rank", "point", "status", "val_kappa", "val_accuracy",
+                   "best_epoch_val_kappa", "best_epoch", "run", "error"]
+
+
+def sorted_points(points: list[Point]) -> list[Point]:
+    def key(p: Point):
+        k = p.metrics.get("quadratic_kappa") if p.metrics else None
+        return (k is None, -(k or 0.0))
+
+    return sorted(points, key=key)
+
+
+def write_summary(points: list[Point], grid: dict[str, list[str]], out: Path) -> Path:
+    rows = sorted_points(points)
+    path = out / "summary.csv"
+    tmp = out / "summary.csv.tmp"
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(SUMMARY_COLUMNS[:2] + list(grid) + SUMMARY_COLUMNS[2:])
+        for rank, p in enumerate(rows, 1):
+            m = p.metrics or {}
+            w.writerow([rank if m else "", p.name, *p.params.values(), p.status,
+                        _fmt(m.get("quadratic_kappa")), _fmt(m.get("accuracy")),
+                        _fmt(p.best_epoch_kappa), p.best_epoch or "", str(p.dir), p.error])
+    os.replace(tmp, path)
+    plot(points, grid, out / "tune.png")
+    return path
+
+
+def _fmt(v) -> str:
+    return "" if v is None else f"{v:.4f}"
+
+
+def plot(points: list[Point], grid: dict[str, list[str]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    def kappa(p):
+        return p.metrics["quadratic_kappa"] if p.metrics else np.nan
+
+    names = list(grid)
+    if len(names) == 2 and len(grid[names[0]]) > 1 and len(grid[names[1]]) > 1:
+        a, b = names
+        m = np.full((len(grid[a]), len(grid[b])), np.nan)
+        for p in points:
+            m[grid[a].index(p.params[a]), grid[b].index(p.params[b])] = kappa(p)
+        fig, ax = plt.subplots(figsize=(1.6 * len(grid[b]) + 2.5, 1.2 * len(grid[a]) + 1.8))
+        im = ax.imshow(m, cmap="viridis")
+        for i in range(m.shape[0]):
+            for j in range(m.shape[1]):
+                ax.text(j, i, "failed" if np.isnan(m[i, j]) else f"{m[i, j]:.3f}",
+                        ha="center", va="center", color="white")
+        ax.set_xticks(range(len(grid[b])), grid[b])
+        ax.set_yticks(range(len(grid[a])), grid[a])
+        ax.set_xlabel(b)
+        ax.set_ylabel(a)
+        fig.colorbar(im, ax=ax, label="validation quadratic kappa")
+    else:
+        ranked = sorted_points(points)
+        fig, ax = plt.subplots(figsize=(8, 0.4 * len(ranked) + 1.5))
+        ax.barh(range(len(ranked)), [kappa(p) for p in ranked], color="tab:blue")
+        ax.set_yticks(range(len(ranked)), [p.name for p in ranked])
+        ax.invert_yaxis()
+        ax.set_xlabel("validation quadratic kappa")
+        ax.grid(axis="x", alpha=0.3)
+    ax.set_title("drpipe tune")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def tune(grid: dict[str, list[str]], fixed: list[str], out: str | Path,
+         progress=None, log=print) -> list[Point]:
+    """Train every point not yet done; returns the points sorted by validation kappa."""
+    out = Path(out)
+    if not grid:
+        raise TuneError("nothing to tune: give --lr, --batch-size or --grid OPTION=V1,V2")
+    check_manifest(out, grid, fixed)
+    points = plan(grid, out)
+    for p in points:
+        collect(p)
+    done = sum(p.status == "done" for p in points)
+    if done:
+        log(f"{done} of {len(points)} points already trained in {out}")
+    for p in points:
+        if p.status != "done":
+            run_point(p, fixed, out / f"{p.name}.log")
+            k = p.metrics["quadratic_kappa"] if p.metrics else None
+            log(f"{p.name}: " + (f"validation kappa {k:.3f}" if k is not None
+                                 else f"FAILED: {p.error} (see {out / (p.name + '.log')})"))
+            write_summary(points, grid, out)
+        if progress:
+            progress()
+    write_summary(points, grid, out)
+    return sorted_points(points)
