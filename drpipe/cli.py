@@ -711,6 +711,38 @@ def tune(data, lrs, batch_sizes, grids, out, train_args):
         raise DrpipeError(f"{len(failed)} of {len(ranked)} points failed (logs in {out})")
 
 
+@main.command()
+@click.option("--data", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Shards (output of drpipe preprocess) [default: the first run's, else "
+                   "./shards].")
+@click.option("--run", "runs", multiple=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A training run to include (repeatable).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default="report.html",
+              show_default=True)
+@click.option("--examples", type=click.IntRange(0, 64), default=8, show_default=True,
+              help="Processed example photos per grade.")
+def report(data, runs, out, examples):
+    """One self-contained HTML page: preprocessing settings, grades per split, rejection
+    reasons, processed examples per grade, and for each --run its training curves,
+    confusion matrix, kappa and per-grade scores. Opens offline; nothing to fetch."""
+    from drpipe.report import ReportError, build, write
+
+    if data is None:
+        data = Path("shards")
+        if runs:
+            cfg = json.loads((runs[0] / "config.json").read_text()) if (
+                runs[0] / "config.json").exists() else {}
+            data = Path(cfg.get("data", data))
+    try:
+        page = build(data, runs, per_grade=examples)
+    except ReportError as e:
+        raise DrpipeError(str(e)) from None
+    write(page, out)
+    click.echo(f"{out} ({len(page.encode()) / 1e6:.1f} MB): {data}"
+               + (f" and {len(runs)} run(s)" if runs else ""))
+
+
 def run() -> None:
     """Entry point with a last-resort guard: a bug prints one line, not a traceback
     (DRPIPE_DEBUG=1 shows it)."""

@@ -6,7 +6,12 @@ import os
 
 import pytest
 
-from tfrecord_writer.example import frame_record, read_records, serialize_example
+from tfrecord_writer.example import (
+    frame_record,
+    parse_example,
+    read_records,
+    serialize_example,
+)
 from tfrecord_writer.schema import FEATURES, Record
 from tfrecord_writer.writer import ShardWriter, plan_shards, remove_temporaries, shard_name
 
@@ -36,6 +41,27 @@ def test_example_bytes_equal_tensorflows(tf):
             else:
                 f.bytes_list.value.append(v if isinstance(v, bytes) else v.encode())
         assert serialize_example(r.features()) == ex.SerializeToString(deterministic=True)
+
+
+def test_parse_example_reads_tensorflows_examples(tf):
+    """The TF-free reader (drpipe report) reads what TensorFlow writes, packed int64 lists
+    or not, large and negative values too."""
+    r = _record(label=4)
+    ex = tf.train.Example()
+    for k, v in r.features().items():
+        f = ex.features.feature[k]
+        if FEATURES[k][0] == "int64":
+            f.int64_list.value.append(v)
+        else:
+            f.bytes_list.value.append(v if isinstance(v, bytes) else v.encode())
+    got = parse_example(ex.SerializeToString())
+    assert got["image/class/label"] == 4 and got["image/width"] == 512
+    assert got["image/encoded"] == r.encoded and got["image/id"] == b"0_left"
+    assert got == parse_example(serialize_example(r.features()))
+    other = tf.train.Example()
+    other.features.feature["n"].int64_list.value.append(-5)
+    other.features.feature["big"].int64_list.value.append(2**40 + 3)
+    assert parse_example(other.SerializeToString()) == {"n": -5, "big": 2**40 + 3}
 
 
 def test_shard_parses_with_tf_data(tf, tmp_path):

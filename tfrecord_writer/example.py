@@ -68,6 +68,60 @@ def serialize_example(features: dict[str, bytes | str | int]) -> bytes:
     return _field(1, entries)  # Example.features
 
 
+def _read_varint(buf: bytes, i: int) -> tuple[int, int]:
+    n = shift = 0
+    while True:
+        b = buf[i]
+        n |= (b & 0x7F) << shift
+        i += 1
+        if not b & 0x80:
+            return n, i
+        shift += 7
+
+
+def _fields(buf: bytes):
+    """(field number, payload) of each length-delimited or varint field in a message."""
+    i = 0
+    while i < len(buf):
+        key, i = _read_varint(buf, i)
+        number, wire = key >> 3, key & 7
+        if wire == 2:
+            n, i = _read_varint(buf, i)
+            yield number, buf[i:i + n]
+            i += n
+        elif wire == 0:
+            v, i = _read_varint(buf, i)
+            yield number, v
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+
+
+def parse_example(data: bytes) -> dict[str, bytes | int]:
+    """A ``tf.train.Example`` with single-valued bytes / int64 features (any Example this
+    package writes, or TensorFlow's serialisation of it) back to {key: value}."""
+    out: dict[str, bytes | int] = {}
+    for _, features in (f for f in _fields(data) if f[0] == 1):
+        for _, entry in (f for f in _fields(features) if f[0] == 1):
+            parts = dict(_fields(entry))
+            key = parts[1].decode("utf-8")
+            for kind, lst in _fields(parts.get(2, b"")):
+                values = [v for n, v in _fields(lst) if n == 1]
+                if kind == 3:  # int64_list, packed or not
+                    ints = []
+                    for v in values:
+                        if isinstance(v, int):
+                            ints.append(v)
+                        else:
+                            j = 0
+                            while j < len(v):
+                                x, j = _read_varint(v, j)
+                                ints.append(x)
+                    out[key] = ints[0] - (1 << 64) if ints[0] >= 1 << 63 else ints[0]
+                elif kind == 1:
+                    out[key] = values[0]
+    return out
+
+
 def _masked_crc(data: bytes) -> int:
     crc = google_crc32c.value(data)
     return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
