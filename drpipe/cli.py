@@ -584,13 +584,13 @@ def ensemble(runs, method, data, split, val_split, checkpoint, out):
     except EnsembleError as e:
         raise DrpipeError(str(e)) from None
     rows = [(f"ensemble ({method})", r["ensemble"])] + [
-        (m["run"], m) for m in r["members"]]
+        (str(run), m) for run, m in zip(runs, r["members"], strict=True)]
     width = max(len(name) for name, _ in rows)
     click.echo(f"{split} (n={r['ensemble']['n']}):")
-    click.echo(f"  {'':{width}}  kappa  accuracy  val kappa")
+    click.echo(f"  {'':{width}}   kappa  accuracy  val kappa")
     for name, m in rows:
         val = f"{m['val_quadratic_kappa']:9.3f}" if "val_quadratic_kappa" in m else ""
-        click.echo(f"  {name:{width}}  {m['quadratic_kappa']:5.3f}  {m['accuracy']:8.3f}  {val}")
+        click.echo(f"  {name:{width}}  {m['quadratic_kappa']:6.3f}  {m['accuracy']:8.3f}  {val}")
     click.echo(f"-> {out}/ensemble.json")
 
 
@@ -659,7 +659,7 @@ def tune(data, lrs, batch_sizes, grids, out, train_args):
 
     from tqdm import tqdm
 
-    from training.tune import TuneError, parse_grid, plan
+    from training.tune import TuneError, check_manifest, parse_grid, plan
     from training.tune import tune as run_tune
 
     items = []
@@ -689,6 +689,10 @@ def tune(data, lrs, batch_sizes, grids, out, train_args):
             train.make_context("drpipe train", p.args(fixed))
         except click.ClickException as e:
             raise click.UsageError(f"point {p.name}: {e.format_message()}") from None
+    try:
+        check_manifest(out, grid, fixed)  # before anything is printed or trained
+    except TuneError as e:
+        raise DrpipeError(str(e)) from None
     click.echo(f"{len(points)} points: " + " x ".join(f"{k} {{{', '.join(v)}}}"
                                                       for k, v in grid.items()) + f" -> {out}")
     try:
