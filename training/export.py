@@ -243,7 +243,8 @@ def export(run: str | Path, fmt: str, out: str | Path | None = None,
         os.replace(staged, out)
 
     exported = runner(out, threads)
-    want = np.asarray(model.predict(photos, batch_size=16, verbose=0), np.float32)
+    want = np.concatenate([np.asarray(model(photos[i:i + 16], training=False), np.float32)
+                           for i in range(0, len(photos), 16)])
     got = np.asarray(exported(photos), np.float32)
     same = int((grades(cfg.task, want, thresholds) == grades(cfg.task, got, thresholds)).sum())
     lat = _latency_ms(exported, photos, repeats)
