@@ -2,10 +2,9 @@
 TensorFlow Lite (phones, edge boxes), optionally quantised — with its size, its CPU latency
 per photo, and a check that it grades like the Keras model it came from.
 
-The exported graph is traced with ``training=False`` through Keras' ``ExportArchive``: the
-augmentation layers are identities and BatchNormalization uses its moving statistics.
-(``model.export()`` traced a graph with the BatchNorm moving-statistic updates in it, which
-the TFLite converter rejects.)
+The exported graph is traced with an explicit ``training=False`` through Keras'
+``ExportArchive``, whatever a layer's ``training`` default: the augmentation layers are
+identities and BatchNormalization uses its moving statistics.
 
 Input: ``images``, float32 [batch, S, S, 3], RGB in [0, 255] — the processed photo as the
 training reader gives it (``drpipe predict`` makes it from a raw photo; the settings are in
