@@ -110,6 +110,10 @@ def main():
       drpipe train --data shards --out runs/first
       drpipe evaluate runs/first --split test
       drpipe predict runs/first --src new_photos/ --out preds.csv
+      drpipe tune --lr 1e-3,1e-4 --batch-size 16,32 --out runs/tune
+      drpipe ensemble runs/tune/* --method stack --split test
+      drpipe export runs/first --format tflite --quantize int8
+      drpipe report --run runs/first --out report.html
 
     Exit codes: 0 done (rejected photos are listed, not failures), 1 the run failed,
     2 usage error, 3 bad input data (labels, source layout).
@@ -652,7 +656,11 @@ def tune(data, lrs, batch_sizes, grids, out, train_args):
     one complete run per point, and a summary sorted by validation kappa.
 
     Other drpipe train options are passed to every point, e.g.
-    drpipe tune --lr 1e-3,3e-4 --batch-size 16,32 --model resnetv2-small --epochs 20
+
+    \b
+      drpipe tune --lr 1e-3,3e-4 --batch-size 16,32 --model resnetv2-small --epochs 20
+      drpipe tune --lr '' --batch-size '' --grid data=shards-graham,shards-clahe --grid seed=1,2
+
     Writes OUT/summary.csv, OUT/tune.png, one run directory and one log per point.
     """
     import time
