@@ -111,7 +111,7 @@ def main():
       drpipe evaluate runs/first --split test
       drpipe predict runs/first --src new_photos/ --out preds.csv
       drpipe tune --lr 1e-3,1e-4 --batch-size 16,32 --out runs/tune
-      drpipe ensemble runs/tune/* --method stack --split test
+      drpipe ensemble runs/tune/*/ --method stack --split test
       drpipe export runs/first --format tflite --quantize int8
       drpipe report --run runs/first --out report.html
 
@@ -413,6 +413,10 @@ def _int_list(ctx, param, value):
 @click.option("--checkpoint-every", type=click.IntRange(0), default=5, show_default=True)
 @click.option("--patience", type=click.IntRange(0), default=0, show_default=True,
               help="Stop after this many epochs without a better validation kappa (0 = off).")
+@click.option("--precise-bn", type=click.IntRange(0), default=100, show_default=True,
+              help="After every epoch, recompute the BatchNorm statistics from this many "
+                   "training batches (0 = off): the moving averages trail the weights, and "
+                   "inference-mode predictions with them can be far worse.")
 def train(resume, **kw):
     """Train a grading model on the shards: tf.data into ResNetV2 or transfer learning.
 

@@ -59,6 +59,9 @@ class TrainConfig:
     steps_per_epoch: int | None = None
     checkpoint_every: int = 5  # Zhong & Cao checkpointed every 5 epochs
     patience: int = 0  # early stopping on validation kappa; 0 = off
+    # BatchNorm statistics recomputed from this many training batches after every epoch
+    # (0 = off): see recompute_batchnorm
+    precise_bn: int = 100
     target_distribution: tuple[float, ...] = (0.2, 0.2, 0.2, 0.2, 0.2)
 
     def total_epochs(self) -> int:
@@ -133,6 +136,83 @@ def scores(task: str, y, out, thresholds=None) -> dict:
     return r
 
 
+def _all_layers(layer):
+    for sub in getattr(layer, "layers", []):
+        yield sub
+        yield from _all_layers(sub)
+
+
+def recompute_batchnorm(model, dataset, batches: int) -> int:
+    """Replace the moving statistics of the trainable BatchNormalization layers by the
+    population statistics of ``batches`` training batches, as the weights are now
+    ("precise BN", Wu & Johnson 2021). Returns the number of layers updated.
+
+    The moving averages trail the weights: on the synthetic test sets a model whose
+    training-mode predictions scored validation kappa 0.90 scored 0.14 in inference mode
+    after its last epoch, and 0.88 after this recomputation. The batches run through the
+    model from its normalisation layer on, so the augmentation layers are skipped: the
+    statistics are those of photos as inference sees them. Frozen layers keep theirs.
+    """
+    import keras
+    import tensorflow as tf
+
+    bns = [layer for layer in _all_layers(model)
+           if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
+    if not bns or batches <= 0:
+        return 0
+    try:
+        body = keras.Model(model.get_layer("normalize").input, model.output)
+    except ValueError:
+        body = model
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.momentum = 0.0  # after a training-mode call, moving stats = that batch's stats
+    try:
+        step = tf.function(lambda x: body(x, training=True))
+        n_total = 0
+        sums = [None] * len(bns)
+        for x, _ in dataset.take(batches):
+            step(x)
+            n = int(tf.shape(x)[0])
+            n_total += n
+            for i, bn in enumerate(bns):
+                mean = np.asarray(bn.moving_mean, np.float64)
+                var = np.asarray(bn.moving_variance, np.float64)
+                add = (n * mean, n * (var + mean**2))
+                sums[i] = add if sums[i] is None else (sums[i][0] + add[0], sums[i][1] + add[1])
+        if n_total == 0:
+            return 0
+        for bn, (s1, s2) in zip(bns, sums, strict=True):
+            mean = s1 / n_total
+            bn.moving_mean.assign(mean.astype(np.float32))
+            # E[x^2] - E[x]^2 over all photos: the mean within-batch variance plus the
+            # variance of the batch means
+            bn.moving_variance.assign(np.maximum(s2 / n_total - mean**2, 0).astype(np.float32))
+    finally:
+        for bn, m in zip(bns, momenta, strict=True):
+            bn.momentum = m
+    return len(bns)
+
+
+def validation_logs(task: str, y: np.ndarray, out: np.ndarray) -> dict:
+    """Validation loss and the compiled metrics, from predictions (no class weights, as
+    Keras' own validation)."""
+    eps = 1e-7
+    if len(y) == 0:
+        return {}
+    if task == "grade":
+        p = np.clip(out[np.arange(len(y)), y.astype(int)], eps, 1.0)
+        return {"val_loss": float(-np.log(p).mean()),
+                "val_accuracy": float((out.argmax(axis=1) == y).mean())}
+    if task == "referable":
+        p = np.clip(out[:, 0], eps, 1 - eps)
+        return {"val_loss": float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean()),
+                "val_accuracy": float(((p >= 0.5) == (y > 0.5)).mean()),
+                "val_auc": M.roc_auc(y > 0.5, p)}
+    return {"val_loss": float(np.mean((out[:, 0] - y) ** 2)),
+            "val_mae": float(np.mean(np.abs(out[:, 0] - y)))}
+
+
 def _atomic_backup(backup_dir: Path):
     """Resume state that survives SIGKILL at any instant.
 
@@ -173,15 +253,25 @@ def _atomic_backup(backup_dir: Path):
     return AtomicBackupAndRestore()
 
 
-def _callbacks(cfg, run: Path, val_ds, phase: int):
+def _callbacks(cfg, run: Path, val_ds, bn_ds, phase: int, n_train: int):
     import keras
 
-    class ValidationKappa(keras.callbacks.Callback):
-        """Quadratic weighted kappa on the validation split each epoch (logs['val_kappa']):
-        accuracy hid a model predicting only grade 0 in the reference works."""
+    bn_batches = min(cfg.precise_bn, math.ceil(n_train / cfg.batch_size))
+
+    class PreciseBatchNorm(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if bn_ds is not None:
+                recompute_batchnorm(self.model, bn_ds, bn_batches)
+
+    class Validation(keras.callbacks.Callback):
+        """Validation each epoch, after the BatchNorm statistics are recomputed (Keras'
+        own validation runs before any callback): loss, the compiled metrics, and quadratic
+        weighted kappa (logs['val_kappa']) — accuracy hid a model predicting only grade 0
+        in the reference works."""
 
         def on_epoch_end(self, epoch, logs=None):
             y, out = predict(self.model, val_ds, cfg.task)
+            logs.update(validation_logs(cfg.task, y, out))
             logs["val_kappa"] = scores(cfg.task, y, out)["quadratic_kappa"]
 
     class EveryN(keras.callbacks.Callback):
@@ -189,7 +279,7 @@ def _callbacks(cfg, run: Path, val_ds, phase: int):
             if cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0:
                 self.model.save(run / "checkpoints" / f"epoch-{epoch + 1:03d}.keras")
 
-    cbs = [ValidationKappa(),
+    cbs = [PreciseBatchNorm(), Validation(),
            keras.callbacks.ModelCheckpoint(run / "checkpoints/best.keras", monitor="val_kappa",
                                            mode="max", save_best_only=True),
            EveryN(),
@@ -246,6 +336,10 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
                             seed=cfg.seed)
     val_ds = make_dataset(cfg.data, cfg.val_split, image_size=cfg.image_size,
                           batch_size=cfg.batch_size, task=cfg.task)
+    # Shuffled, with the split's own grade mix (not resampled): the photos inference sees.
+    bn_ds = make_dataset(cfg.data, cfg.train_split, image_size=cfg.image_size,
+                         batch_size=cfg.batch_size, task=cfg.task, training=True,
+                         seed=cfg.seed + 1) if cfg.precise_bn else None
     weights = None
     if cfg.balance == "weights":
         cw = class_weights(counts)
@@ -268,9 +362,9 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
             freeze(model, backbone, strategy_name)
             _compile(model, cfg, lr)
         log(f"phase {phase}: epochs {first + 1}-{last}, freeze {strategy_name}, lr {lr:g}")
-        model.fit(train_ds, validation_data=val_ds, epochs=last, initial_epoch=first,
+        model.fit(train_ds, epochs=last, initial_epoch=first,
                   steps_per_epoch=steps, class_weight=weights, shuffle=False,
-                  callbacks=_callbacks(cfg, run, val_ds, phase), verbose=2)
+                  callbacks=_callbacks(cfg, run, val_ds, bn_ds, phase, n_train), verbose=2)
         model.save_weights(done_marker)
 
     model.save(run / "model.keras")

@@ -38,8 +38,18 @@ def _one_step(name, task="grade", size=None):
     assert np.isfinite(loss)
     assert any(not np.array_equal(a, b) for a, b in zip(before, model.get_weights(),
                                                        strict=True))
+    # BatchNorm statistics recomputed through the backbone (nested models too)
+    import tensorflow as tf
+
+    from training.fit import recompute_batchnorm
+
+    bns = [layer for layer in model._flatten_layers()
+           if isinstance(layer, keras.layers.BatchNormalization)]
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(2)
+    assert recompute_batchnorm(model, ds, 1) == len(bns)
     out = np.asarray(model(x, training=False))
     assert out.shape == ((2, 5) if task == "grade" else (2, 1))
+    assert np.isfinite(out).all()
     return model
 
 
