@@ -19,6 +19,7 @@ import csv
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -110,6 +111,8 @@ def run_point(point: Point, fixed: list[str], log_path: Path) -> None:
     if (point.dir / "config.json").exists():
         cmd = [*_drpipe(), "train", "--resume", str(point.dir)]
     else:
+        # killed before its config was written: nothing to resume, start it again
+        shutil.rmtree(point.dir, ignore_errors=True)
         cmd = [*_drpipe(), "train", *point.args(fixed)]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
     with open(log_path, "a", encoding="utf-8") as log:

@@ -6,11 +6,15 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.training.test_train import drpipe
+from tests.test_cli import DRPIPE
+from tests.training.test_train import drpipe, history
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -57,6 +61,35 @@ def test_tune_trains_every_point_and_ranks_them(tuned):
     other = drpipe("tune", "--data", tuned / "shards", "--lr", "1e-3", "--out", tune,
                    check=False)
     assert other.returncode == 1 and "other settings" in other.stderr
+
+
+def test_tune_killed_mid_point_continues_where_it_stopped(tuned, tmp_path):
+    """SIGKILL to the tuning (and the point training under it) mid-epoch; the same command
+    again resumes that point from its last epoch and trains the rest."""
+    out = tmp_path / "t"
+    args = ["tune", "--data", str(tuned / "shards"), "--lr", "1e-3", "--batch-size", "8",
+            "--grid", "seed=1,2", "--model", "cnn-small", "--image-size", "64", "--epochs", "4",
+            "--steps-per-epoch", "15", "--checkpoint-every", "0", "--precise-bn", "5",
+            "--out", str(out)]
+    proc = subprocess.Popen([DRPIPE, *args], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = out / "seed=1"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (first / "history.csv").exists() and len(history(first)) >= 2:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(history(first))
+    assert 2 <= done < 4 and not (first / "model.keras").exists()
+    r = drpipe(*args)
+    assert "seed=1: validation kappa" in r.stdout + r.stderr
+    epochs = [int(h["epoch"]) for h in history(first)]
+    assert epochs[:done] == list(range(done)) and sorted(set(epochs)) == [0, 1, 2, 3]
+    rows = _summary(out)
+    assert sorted(r["point"] for r in rows) == ["seed=1", "seed=2"]
+    assert all(r["status"] == "done" for r in rows)
 
 
 def test_tune_rejects_bad_points_before_training(tuned, tmp_path):
