@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,7 +62,7 @@ def predict_photos(run: str | Path, sources, checkpoint: str = "final",
     if exported:
         from training.export import runner
 
-        model = runner(exported)
+        model = runner(exported, threads=os.cpu_count() or 1)
     else:
         keras_model = keras.saving.load_model(run / ("model.keras" if checkpoint == "final"
                                                      else "checkpoints/best.keras"))
