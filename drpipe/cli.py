@@ -72,6 +72,13 @@ def _filter_option(f):
 
 
 def _process_options(f):
+    f = click.option("--min-side", type=click.IntRange(16), default=128, show_default=True,
+                     help="Reject photos whose short side is under this many pixels "
+                          "(too_small).")(f)
+    f = click.option("--max-megapixels", type=click.FloatRange(1, 1000), default=100.0,
+                     show_default=True,
+                     help="Reject photos larger than this, from their header, before decoding "
+                          "(too_large: decompression bombs).")(f)
     f = click.option("--clahe-tiles", type=click.IntRange(1, 64), default=8, show_default=True,
                       help="CLAHE tile grid (N x N).")(f)
     f = click.option("--clahe-clip", type=click.FloatRange(0.1, 100), default=2.0,
@@ -84,7 +91,8 @@ def _process_options(f):
     return f
 
 
-def make_process_config(size, filter_, quality, clahe_clip, clahe_tiles, fmt="jpeg"):
+def make_process_config(size, filter_, quality, clahe_clip, clahe_tiles, max_megapixels=100.0,
+                        min_side=128, fmt="jpeg"):
     from pipeline.filters import FilterParams, get_filter
     from pipeline.process import ProcessConfig
 
@@ -94,7 +102,8 @@ def make_process_config(size, filter_, quality, clahe_clip, clahe_tiles, fmt="jp
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--filter") from None
     return ProcessConfig(size=size, filter=filter_, format=fmt, quality=quality,
-                         filter_params=params)
+                         filter_params=params, max_pixels=round(max_megapixels * 1e6),
+                         min_side=min_side)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -157,7 +166,8 @@ def synth(out: Path, n: int, seed: int, quiet: bool):
 @_process_options
 @click.option("--limit", type=click.IntRange(1), default=None,
               help="Process at most this many photos (folders are read in name order).")
-def preview(src, out, size, filter_, quality, clahe_clip, clahe_tiles, limit):
+def preview(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_megapixels, min_side,
+            limit):
     """Process SRC photos (files or folders) in this process, for a quick visual check.
 
     Writes OUT/{id}.jpeg for each photo, a before/after OUT/contact_sheet.jpeg (original
@@ -170,7 +180,8 @@ def preview(src, out, size, filter_, quality, clahe_clip, clahe_tiles, limit):
     from pipeline.process import Rejection, prepare_or_reject, read_photo
     from pipeline.sources import expand_photo_paths
 
-    cfg = make_process_config(size, filter_, quality, clahe_clip, clahe_tiles)
+    cfg = make_process_config(size, filter_, quality, clahe_clip, clahe_tiles, max_megapixels,
+                              min_side)
     files = expand_photo_paths(src)[:limit]
     if not files:
         raise click.UsageError("no photos found in " + ", ".join(map(str, src)))
@@ -237,9 +248,10 @@ def preview(src, out, size, filter_, quality, clahe_clip, clahe_tiles, limit):
 @click.option("--quiet", is_flag=True, help="No progress bar and no summary on stdout.")
 @click.option("--summary-json", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the run summary as JSON here.")
-def preprocess(src, out, size, filter_, quality, clahe_clip, clahe_tiles, fmt, split_spec, seed,
-               shard_size, workers, scheduler, source_kind, labels, id_col, label_col,
-               patient_col, limit, strict, overwrite, quiet, summary_json):
+def preprocess(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_megapixels,
+               min_side, fmt, split_spec, seed, shard_size, workers, scheduler, source_kind,
+               labels, id_col, label_col, patient_col, limit, strict, overwrite, quiet,
+               summary_json):
     """Verify, crop, resize and filter every photo in parallel on Dask, split patients
     safely, and write sharded TFRecords with a manifest that accounts for every photo.
 
@@ -260,7 +272,7 @@ def preprocess(src, out, size, filter_, quality, clahe_clip, clahe_tiles, fmt, s
         raise click.BadParameter(str(e), param_hint="--split") from None
     cfg = JobConfig(src=str(src), out=str(out),
                     process=make_process_config(size, filter_, quality, clahe_clip,
-                                                clahe_tiles, fmt),
+                                                clahe_tiles, max_megapixels, min_side, fmt),
                     split=ratios, seed=seed, shard_size_mb=shard_size,
                     source_kind=source_kind, labels=str(labels) if labels else None,
                     id_col=id_col, label_col=label_col, patient_col=patient_col, limit=limit)

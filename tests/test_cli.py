@@ -48,6 +48,24 @@ def test_synth_then_preview(tmp_path, sample_photos):
     assert sheet.std() > 20  # not blank
 
 
+def test_size_limits_are_options(tmp_path, sample_photos):
+    """--max-megapixels and --min-side reach the header check: the real photos (2-16 MP)
+    are refused as too_large under a 1 MP limit, the synthetic ones (under 1,200 px) as
+    too_small under a 2,000 px minimum; the defaults let both through."""
+    from pipeline.decode import read_info
+
+    big = [p for p in sample_photos if read_info(p.read_bytes()).width
+           * read_info(p.read_bytes()).height > 1e6][:2]
+    assert len(big) == 2
+    r = run("preview", *big, "--out", tmp_path / "a", "--max-megapixels", 1)
+    assert "processed 0 of 2" in r.stdout and r.stdout.count(": too_large") == 2
+    run("synth", "--out", tmp_path / "raw", "--n", "2", "--seed", "1", "--quiet")
+    r = run("preview", tmp_path / "raw/train", "--out", tmp_path / "b", "--min-side", 2000)
+    assert "processed 0 of 2" in r.stdout and r.stdout.count(": too_small") == 2
+    r = run("preview", tmp_path / "raw/train", *big, "--out", tmp_path / "c")
+    assert "processed 4 of 4" in r.stdout
+
+
 @pytest.mark.parametrize("args,needle", [
     (("preview", "nonexistent.jpeg", "--out", "x"), "does not exist"),
     (("preview", ".", "--out", "x", "--filter", "sharpen"), "unknown filter 'sharpen'"),
