@@ -142,56 +142,84 @@ def _all_layers(layer):
         yield from _all_layers(sub)
 
 
-def recompute_batchnorm(model, dataset, batches: int) -> int:
+class BatchNormRecompute:
     """Replace the moving statistics of the trainable BatchNormalization layers by the
-    population statistics of ``batches`` training batches, as the weights are now
-    ("precise BN", Wu & Johnson 2021). Returns the number of layers updated.
+    population statistics of training batches, as the weights are now ("precise BN",
+    Wu & Johnson 2021).
 
     The moving averages trail the weights: on the synthetic test sets a model whose
     training-mode predictions scored validation kappa 0.90 scored 0.14 in inference mode
     after its last epoch, and 0.88 after this recomputation. The batches run through the
     model from its normalisation layer on, so the augmentation layers are skipped: the
     statistics are those of photos as inference sees them. Frozen layers keep theirs.
+    One instance per model: its traced step is reused epoch after epoch.
     """
-    import keras
-    import tensorflow as tf
 
-    bns = [layer for layer in _all_layers(model)
-           if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
-    if not bns or batches <= 0:
-        return 0
-    try:
-        body = keras.Model(model.get_layer("normalize").input, model.output)
-    except ValueError:
-        body = model
-    momenta = [bn.momentum for bn in bns]
-    for bn in bns:
-        bn.momentum = 0.0  # after a training-mode call, moving stats = that batch's stats
-    try:
-        step = tf.function(lambda x: body(x, training=True))
-        n_total = 0
-        sums = [None] * len(bns)
-        for x, _ in dataset.take(batches):
-            step(x)
-            n = int(tf.shape(x)[0])
-            n_total += n
-            for i, bn in enumerate(bns):
-                mean = np.asarray(bn.moving_mean, np.float64)
-                var = np.asarray(bn.moving_variance, np.float64)
-                add = (n * mean, n * (var + mean**2))
-                sums[i] = add if sums[i] is None else (sums[i][0] + add[0], sums[i][1] + add[1])
-        if n_total == 0:
+    def __init__(self, model):
+        import keras
+
+        self.bns = [layer for layer in _all_layers(model)
+                    if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
+        try:
+            self.body = keras.Model(model.get_layer("normalize").input, model.output)
+        except ValueError:
+            self.body = model
+        self.step = None
+
+    def _trace(self):
+        import tensorflow as tf
+
+        bns, body = self.bns, self.body
+
+        @tf.function
+        def step(x):
+            body(x, training=True)  # momentum 0: moving stats := this batch's stats
+            return ([tf.identity(bn.moving_mean) for bn in bns],
+                    [tf.identity(bn.moving_variance) for bn in bns])
+
+        return step
+
+    def __call__(self, dataset, batches: int) -> int:
+        """Recompute from up to ``batches`` batches of ``dataset``; the number of layers
+        updated."""
+        import tensorflow as tf
+
+        if not self.bns or batches <= 0:
             return 0
-        for bn, (s1, s2) in zip(bns, sums, strict=True):
-            mean = s1 / n_total
-            bn.moving_mean.assign(mean.astype(np.float32))
-            # E[x^2] - E[x]^2 over all photos: the mean within-batch variance plus the
-            # variance of the batch means
-            bn.moving_variance.assign(np.maximum(s2 / n_total - mean**2, 0).astype(np.float32))
-    finally:
-        for bn, m in zip(bns, momenta, strict=True):
-            bn.momentum = m
-    return len(bns)
+        momenta = [bn.momentum for bn in self.bns]
+        for bn in self.bns:
+            bn.momentum = 0.0  # read when the step is traced (the first time, here)
+        try:
+            self.step = self.step or self._trace()
+            n_total = 0
+            s1 = [0.0] * len(self.bns)  # per layer: sum of n * batch mean
+            s2 = [0.0] * len(self.bns)  # per layer: sum of n * (batch variance + mean^2)
+            for x, _ in dataset.take(batches):
+                means, variances = self.step(x)
+                n = int(tf.shape(x)[0])
+                for i, (mean, var) in enumerate(zip(means, variances, strict=True)):
+                    mean = np.asarray(mean, np.float64)
+                    s1[i] = s1[i] + n * mean
+                    s2[i] = s2[i] + n * (np.asarray(var, np.float64) + mean**2)
+                n_total += n
+            if n_total == 0:
+                return 0
+            for bn, t1, t2 in zip(self.bns, s1, s2, strict=True):
+                mean = t1 / n_total
+                bn.moving_mean.assign(mean.astype(np.float32))
+                # E[x^2] - E[x]^2 over all photos: the mean within-batch variance plus the
+                # variance of the batch means
+                bn.moving_variance.assign(np.maximum(t2 / n_total - mean**2, 0)
+                                          .astype(np.float32))
+        finally:
+            for bn, m in zip(self.bns, momenta, strict=True):
+                bn.momentum = m
+        return len(self.bns)
+
+
+def recompute_batchnorm(model, dataset, batches: int) -> int:
+    """:class:`BatchNormRecompute` once; the number of BatchNorm layers updated."""
+    return BatchNormRecompute(model)(dataset, batches)
 
 
 def validation_logs(task: str, y: np.ndarray, out: np.ndarray) -> dict:
@@ -256,12 +284,18 @@ def _atomic_backup(backup_dir: Path):
 def _callbacks(cfg, run: Path, val_ds, bn_ds, phase: int, n_train: int):
     import keras
 
-    bn_batches = min(cfg.precise_bn, math.ceil(n_train / cfg.batch_size))
+    # at most one pass over the split, and never more batches than an epoch trains on
+    # (forward only: at most about a third of the epoch's cost)
+    bn_batches = min(cfg.precise_bn, math.ceil(n_train / cfg.batch_size),
+                     cfg.steps_per_epoch or cfg.precise_bn)
 
     class PreciseBatchNorm(keras.callbacks.Callback):
+        recompute = None
+
         def on_epoch_end(self, epoch, logs=None):
             if bn_ds is not None:
-                recompute_batchnorm(self.model, bn_ds, bn_batches)
+                self.recompute = self.recompute or BatchNormRecompute(self.model)
+                self.recompute(bn_ds, bn_batches)
 
     class Validation(keras.callbacks.Callback):
         """Validation each epoch, after the BatchNorm statistics are recomputed (Keras'
