@@ -506,35 +506,53 @@ def evaluate(run, data, split, checkpoint):
                    "the run's Keras model, with the same preprocessing.")
 def predict(run, sources, out, checkpoint, exported):
     """Grade raw photos with a trained RUN, preprocessed exactly as its training data was
-    (settings read from the run's dataset_info.json): no train/serve skew."""
+    (settings read from the run's dataset_info.json): no train/serve skew.
+
+    RUN may also be the output of drpipe ensemble: each member grades with its own
+    preprocessing and the ensemble combines them as it was fitted (--checkpoint and
+    --exported are then the ensemble's)."""
     import os
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from tqdm import tqdm
 
+    from training.ensemble import EnsembleError
     from training.fit import TrainError, load_config
 
-    try:
-        cfg = load_config(run)
-    except FileNotFoundError:
-        raise DrpipeError(f"{run}: not a drpipe run (no config.json)") from None
-    if not (Path(cfg.data) / "dataset_info.json").exists():
-        raise DrpipeError(f"{run} was trained on {cfg.data}, whose dataset_info.json (the "
-                          "preprocessing to repeat) is missing")
-    if not exported and not (run / ("model.keras" if checkpoint == "final"
-                                    else "checkpoints/best.keras")).exists():
-        raise DrpipeError(f"{run}: no {checkpoint} model (is the run finished?)")
+    ensemble = (run / "ensemble.json").exists()
+    members = [run]
+    if ensemble:
+        if exported:
+            raise click.UsageError("--exported applies to a run, not an ensemble")
+        rep = json.loads((run / "ensemble.json").read_text())
+        members, checkpoint = [Path(m["run"]) for m in rep["members"]], rep["checkpoint"]
+    for member in members:
+        try:
+            cfg = load_config(member)
+        except FileNotFoundError:
+            raise DrpipeError(f"{member}: not a drpipe run (no config.json)") from None
+        if not (Path(cfg.data) / "dataset_info.json").exists():
+            raise DrpipeError(f"{member} was trained on {cfg.data}, whose dataset_info.json "
+                              "(the preprocessing to repeat) is missing")
+        if not exported and not (member / ("model.keras" if checkpoint == "final"
+                                           else "checkpoints/best.keras")).exists():
+            raise DrpipeError(f"{member}: no {checkpoint} model (is the run finished?)")
     from pipeline.sources import expand_photo_paths
+    from training.ensemble import predict_photos as ensemble_predict
     from training.predict import predict_photos, write_csv
 
     total = len(expand_photo_paths(sources))
     if not total:
         raise click.UsageError("no photos found in " + ", ".join(map(str, sources)))
     try:
-        with tqdm(total=total, unit="photo", desc="predict", disable=None) as bar:
-            preds = predict_photos(run, sources, checkpoint, progress=bar.update,
-                                   exported=exported)
-    except TrainError as e:
+        with tqdm(total=total * len(members), unit="photo", desc="predict",
+                  disable=None) as bar:
+            if ensemble:
+                preds = ensemble_predict(run, sources, progress=bar.update)
+            else:
+                preds = predict_photos(run, sources, checkpoint, progress=bar.update,
+                                       exported=exported)
+    except (TrainError, EnsembleError) as e:
         raise DrpipeError(str(e)) from None
     write_csv(preds, out)
     ok = [p for p in preds if p.status == "ok"]

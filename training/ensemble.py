@@ -108,30 +108,41 @@ def _softmax(a: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def combine(method: str, members: list[Member]) -> tuple[np.ndarray, dict]:
-    """(probabilities or one-hot votes [n, 5] on the evaluated split, what was fitted)."""
-    rank = sorted(range(len(members)),
-                  key=lambda i: -members[i].val_metrics["quadratic_kappa"])
+def fit(method: str, members: list[Member]) -> dict:
+    """What a method learns from the validation predictions (JSON-able, full precision:
+    ``drpipe predict`` with the ensemble applies exactly this)."""
     if method == "vote":
-        g = vote(np.stack([m.p.argmax(axis=1) for m in members]), rank)
-        return np.eye(M.N_GRADES)[g], {"tie_break_order": [str(members[i].run) for i in rank]}
+        rank = sorted(range(len(members)),
+                      key=lambda i: -members[i].val_metrics["quadratic_kappa"])
+        return {"tie_break_order": rank}
     if method == "mean":
-        w = accuracy_weights(members)
-        return sum(wi * m.p for wi, m in zip(w, members, strict=True)), {
-            "weights": w.round(6).tolist()}
+        return {"weights": accuracy_weights(members).tolist()}
     if method == "weighted":
-        w = class_weights(members)
-        return sum(w[i] * m.p for i, m in enumerate(members)), {
-            "class_weights": w.round(6).tolist()}
+        return {"class_weights": class_weights(members).tolist()}
     if method == "stack":
-        stacker = Stacker().fit(Stacker.features([m.val_p for m in members]),
-                                members[0].val_y.astype(int))
-        p = stacker.predict(Stacker.features([m.p for m in members]))
-        return p, {"stacker": {"w": stacker.w.round(6).tolist(),
-                               "b": stacker.b.round(6).tolist(),
-                               "mean": stacker.mean.round(6).tolist(),
-                               "std": stacker.std.round(6).tolist(),
-                               "features": "log(p + 1e-7) of each member, standardised"}}
+        st = Stacker().fit(Stacker.features([m.val_p for m in members]),
+                           members[0].val_y.astype(int))
+        return {"stacker": {"w": st.w.tolist(), "b": st.b.tolist(), "mean": st.mean.tolist(),
+                            "std": st.std.tolist(),
+                            "features": "log(p + 1e-7) of each member, standardised"}}
+    raise EnsembleError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
+
+
+def apply(method: str, fitted: dict, probs: list[np.ndarray]) -> np.ndarray:
+    """Combined [n, 5] probabilities (one-hot for a vote) from each member's [n, 5]."""
+    if method == "vote":
+        g = vote(np.stack([p.argmax(axis=1) for p in probs]), fitted["tie_break_order"])
+        return np.eye(M.N_GRADES)[g]
+    if method == "mean":
+        return sum(w * p for w, p in zip(fitted["weights"], probs, strict=True))
+    if method == "weighted":
+        w = np.asarray(fitted["class_weights"])
+        return sum(w[i] * p for i, p in enumerate(probs))
+    if method == "stack":
+        st = fitted["stacker"]
+        stacker = Stacker(w=np.asarray(st["w"]), b=np.asarray(st["b"]),
+                          mean=np.asarray(st["mean"]), std=np.asarray(st["std"]))
+        return stacker.predict(Stacker.features(probs))
     raise EnsembleError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
 
 
@@ -203,7 +214,8 @@ def ensemble(runs: list[str | Path], method: str, data: str | None = None,
     if len(set(r.resolve() for r in runs)) < len(runs):
         raise EnsembleError("a run is given twice")
     members, data, val_split = load_members(runs, data, split, val_split, checkpoint, log)
-    p, fitted = combine(method, members)
+    fitted = fit(method, members)
+    p = apply(method, fitted, [m.p for m in members])
     y = members[0].y.astype(int)
     result = M.grade_metrics(y, p.argmax(axis=1))
     result.update(split=split, data=str(Path(data).resolve()), model=f"ensemble-{method}",
@@ -225,3 +237,35 @@ def ensemble(runs: list[str | Path], method: str, data: str | None = None,
         os.replace(tmp, out / "ensemble.json")
         plot_confusion(result, out / f"confusion_{split}.png")
     return report
+
+
+def predict_photos(ensemble_dir: str | Path, sources, progress=None):
+    """``drpipe predict ENSEMBLE``: every member grades the photos with its own run's
+    preprocessing; their probabilities are combined exactly as ``drpipe ensemble`` fitted.
+    A photo any member rejects is rejected."""
+    from training.predict import Prediction
+    from training.predict import predict_photos as member_predict
+
+    rep = json.loads((Path(ensemble_dir) / "ensemble.json").read_text())
+    per_member = []
+    for m in rep["members"]:
+        if not Path(m["run"]).is_dir():
+            raise EnsembleError(f"member run {m['run']} of {ensemble_dir} is gone")
+        preds = member_predict(m["run"], sources, rep["checkpoint"], progress=progress)
+        per_member.append({p.path: p for p in preds})
+    first = per_member[0]
+    ok = [path for path in first if all(pm[path].status == "ok" for pm in per_member)]
+    combined = apply(rep["method"], rep["fitted"],
+                     [np.array([pm[path].probabilities for path in ok]).reshape(-1, 5)
+                      for pm in per_member])
+    out = {}
+    for path, p in zip(ok, combined, strict=True):
+        probs = [float(v) for v in p]
+        out[path] = Prediction(first[path].image_id, path, "ok", "", int(np.argmax(p)), probs,
+                               float(sum(probs[2:])), None)
+    for path, pred in first.items():
+        if path not in out:
+            bad = next(pm[path] for pm in per_member if pm[path].status != "ok")
+            out[path] = Prediction(pred.image_id, path, "rejected", bad.reason, None, None, None,
+                                   None)
+    return sorted(out.values(), key=lambda p: p.image_id)

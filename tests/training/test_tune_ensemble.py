@@ -144,3 +144,35 @@ def test_ensemble_errors(tuned, tmp_path):
     r = drpipe("ensemble", run, run.parent / "seed=2", "--split", "val", check=False)
     assert run.name == "seed=1"
     assert r.returncode == 1 and "would be scored on it" in r.stderr
+
+
+@pytest.mark.parametrize("method", ["vote", "stack"])
+def test_predict_with_an_ensemble_reproduces_its_test_score(tuned, method, tmp_path):
+    """drpipe predict ENSEMBLE on the raw photos of the test split: each member with its
+    own preprocessing, combined as fitted — the same kappa drpipe ensemble measured on the
+    records."""
+    from training.metrics import quadratic_kappa
+
+    ens = tuned / f"ens-{method}"
+    if not (ens / "ensemble.json").exists():
+        runs = sorted(Path(r["run"]) for r in _summary(tuned / "tune"))
+        drpipe("ensemble", *runs, "--method", method, "--split", "test", "--checkpoint",
+               "best", "--out", ens)
+    rep = json.loads((ens / "ensemble.json").read_text())
+    manifest = list(csv.DictReader(open(tuned / "shards/data_manifest.csv", encoding="utf-8")))
+    test = {r["image_id"]: int(r["label"]) for r in manifest if r["split"] == "test"}
+    src = tmp_path / "test"
+    src.mkdir()
+    for r in manifest:
+        if r["split"] == "test":
+            (src / Path(r["path"]).name).symlink_to(tuned / "raw" / r["path"])
+    drpipe("predict", ens, "--src", src, "--out", tmp_path / "p.csv")
+    rows = list(csv.DictReader(open(tmp_path / "p.csv", encoding="utf-8")))
+    assert len(rows) == len(test) == rep["ensemble"]["n"]
+    assert all(r["status"] == "ok" for r in rows)
+    y = [test[r["image_id"]] for r in rows]
+    got = [int(r["grade"]) for r in rows]
+    assert quadratic_kappa(y, got) == pytest.approx(rep["ensemble"]["quadratic_kappa"],
+                                                    abs=1e-9)
+    for r in rows:
+        assert sum(float(r[f"p_grade{g}"]) for g in range(5)) == pytest.approx(1, abs=1e-4)
