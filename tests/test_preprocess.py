@@ -7,16 +7,15 @@ import fcntl
 import hashlib
 import json
 import os
-import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from pipeline.synth import synth_dataset
+from tests.reliability.helpers import kill_when, start
 from tests.test_cli import DRPIPE
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -285,22 +284,15 @@ def test_unreachable_scheduler_is_one_line(raw, tmp_path):
 
 
 def test_sigkill_then_resume_gives_identical_bytes(raw, out2, tmp_path):
-    args = [DRPIPE, "preprocess", "--quiet", "--src", str(raw), "--out", str(tmp_path),
-            "--workers", "1", "--shard-size", "0.5"]
-    proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    args = ["preprocess", "--quiet", "--src", raw, "--out", tmp_path, "--workers", 1,
+            "--shard-size", 0.5]
     staging = tmp_path / ".staging"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if len(list(staging.glob("batch-*.json"))) >= 2:
-            break
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the whole job: client and its workers
-    proc.wait()
+    # the whole job, client and its workers, killed mid-way
+    kill_when(start(*args), lambda: len(list(staging.glob("batch-*.json"))) >= 2, 120)
     committed = sorted(p.name for p in staging.glob("batch-*.json"))
     assert 2 <= len(committed) < 4, committed  # killed mid-way, not after the end
     assert not (tmp_path / "dataset_info.json").exists()
-    r = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    r = subprocess.run([DRPIPE, *map(str, args)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert digest(tmp_path) == digest(out2)
     assert not staging.exists() and not list(tmp_path.glob("*.tmp"))

@@ -30,23 +30,8 @@ def tf():
     return tensorflow
 
 
-def test_example_bytes_equal_tensorflows(tf):
-    for label in (0, 2, 4):
-        r = _record(label=label)
-        ex = tf.train.Example()
-        for k, v in r.features().items():
-            f = ex.features.feature[k]
-            if FEATURES[k][0] == "int64":
-                f.int64_list.value.append(v)
-            else:
-                f.bytes_list.value.append(v if isinstance(v, bytes) else v.encode())
-        assert serialize_example(r.features()) == ex.SerializeToString(deterministic=True)
-
-
-def test_parse_example_reads_tensorflows_examples(tf):
-    """The TF-free reader (drpipe report) reads what TensorFlow writes, packed int64 lists
-    or not, large and negative values too."""
-    r = _record(label=4)
+def _tf_example(tf, r: Record):
+    """The record as TensorFlow's own tf.train.Example."""
     ex = tf.train.Example()
     for k, v in r.features().items():
         f = ex.features.feature[k]
@@ -54,7 +39,21 @@ def test_parse_example_reads_tensorflows_examples(tf):
             f.int64_list.value.append(v)
         else:
             f.bytes_list.value.append(v if isinstance(v, bytes) else v.encode())
-    got = parse_example(ex.SerializeToString())
+    return ex
+
+
+def test_example_bytes_equal_tensorflows(tf):
+    for label in (0, 2, 4):
+        r = _record(label=label)
+        ex = _tf_example(tf, r)
+        assert serialize_example(r.features()) == ex.SerializeToString(deterministic=True)
+
+
+def test_parse_example_reads_tensorflows_examples(tf):
+    """The TF-free reader (drpipe report) reads what TensorFlow writes, packed int64 lists
+    or not, large and negative values too."""
+    r = _record(label=4)
+    got = parse_example(_tf_example(tf, r).SerializeToString())
     assert got["image/class/label"] == 4 and got["image/width"] == 512
     assert got["image/encoded"] == r.encoded and got["image/id"] == b"0_left"
     assert got == parse_example(serialize_example(r.features()))

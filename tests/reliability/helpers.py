@@ -6,13 +6,37 @@ import csv
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 from tests.test_cli import DRPIPE
 
 OUTPUTS = ("*.tfrecord", "data_manifest.csv", "manifest.parquet")
+
+
+def start(*args) -> subprocess.Popen:
+    """``drpipe ARGS`` in its own process group (so a kill takes its children too)."""
+    return subprocess.Popen([DRPIPE, *map(str, args)], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def kill_when(proc: subprocess.Popen, condition, timeout: float = 300) -> bool:
+    """SIGKILL ``proc``'s process group as soon as ``condition()`` holds; True if it did,
+    False if the process ended or the time ran out first (it is killed then too)."""
+    deadline = time.time() + timeout
+    met = False
+    while time.time() < deadline and proc.poll() is None:
+        if condition():
+            met = True
+            break
+        time.sleep(0.005)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return met
 
 
 def drpipe(*args, timeout=300, user=None, check=False, **kw) -> subprocess.CompletedProcess:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from tests.reliability.helpers import (
     committed_shards_whole,
     digest,
     drpipe,
+    kill_when,
     no_traceback,
 )
 from tests.test_cli import DRPIPE
@@ -46,17 +46,6 @@ def _start(raw, out) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
-def _kill_when(proc, condition, timeout=120) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if condition():
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            return True
-        time.sleep(0.005)
-    return False
-
-
 @pytest.mark.parametrize("point", ["setup", "processing", "writing_shards"])
 def test_sigkill_then_resume_is_byte_identical(raw, clean, tmp_path, point):
     out = tmp_path / "out"
@@ -66,7 +55,7 @@ def test_sigkill_then_resume_is_byte_identical(raw, clean, tmp_path, point):
         "processing": lambda: len(list((out / ".staging").glob("batch-*.json"))) >= 2,
         "writing_shards": lambda: any(out.glob("*.tfrecord")),
     }
-    killed = _kill_when(proc, conditions[point])
+    killed = kill_when(proc, conditions[point])
     assert killed, f"the run ended before reaching {point}"
     assert not (out / "dataset_info.json").exists()
     committed_shards_whole(out)  # a final name always means a whole shard
@@ -163,7 +152,7 @@ def test_train_killed_before_its_first_epoch_resumes(tmp_path):
                              "cnn-small", "--image-size", "32", "--epochs", "3", "--batch-size",
                              "8", "--out", str(run)], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    assert _kill_when(proc, lambda: (run / "config.json").exists())
+    assert kill_when(proc, lambda: (run / "config.json").exists())
     assert not (run / "history.csv").exists() or len(list(csv.DictReader(
         open(run / "history.csv")))) == 0
     r = drpipe("train", "--resume", run, timeout=600)

@@ -5,14 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import os
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.reliability.helpers import kill_when, start
 from tests.test_cli import DRPIPE
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -71,18 +70,10 @@ def test_resnetv2_small_learns_the_lesion_signal(shards, tmp_path):
 
 def test_kill_and_resume_continue_to_the_planned_epoch(shards, tmp_path):
     run = tmp_path / "run"
-    args = [DRPIPE, "train", "--data", str(shards), "--model", "cnn-small", "--image-size", "64",
-            "--epochs", "6", "--batch-size", "8", "--steps-per-epoch", "30", "--out", str(run),
-            "--checkpoint-every", "0"]
-    proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if (run / "history.csv").exists() and len(history(run)) >= 2:
-            break
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc = start("train", "--data", shards, "--model", "cnn-small", "--image-size", 64,
+                 "--epochs", 6, "--batch-size", 8, "--steps-per-epoch", 30, "--out", run,
+                 "--checkpoint-every", 0)
+    kill_when(proc, lambda: (run / "history.csv").exists() and len(history(run)) >= 2)
     done = len(history(run))
     assert 2 <= done < 6 and not (run / "model.keras").exists()
     drpipe("train", "--resume", run)

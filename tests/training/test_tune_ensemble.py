@@ -6,14 +6,11 @@ from __future__ import annotations
 import csv
 import json
 import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.test_cli import DRPIPE
+from tests.reliability.helpers import kill_when, start
 from tests.training.test_train import drpipe, history
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -71,16 +68,9 @@ def test_tune_killed_mid_point_continues_where_it_stopped(tuned, tmp_path):
             "--grid", "seed=1,2", "--model", "cnn-small", "--image-size", "64", "--epochs", "4",
             "--steps-per-epoch", "15", "--checkpoint-every", "0", "--precise-bn", "5",
             "--out", str(out)]
-    proc = subprocess.Popen([DRPIPE, *args], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = out / "seed=1"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if (first / "history.csv").exists() and len(history(first)) >= 2:
-            break
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when(start(*args),
+              lambda: (first / "history.csv").exists() and len(history(first)) >= 2)
     done = len(history(first))
     assert 2 <= done < 4 and not (first / "model.keras").exists()
     r = drpipe(*args)
