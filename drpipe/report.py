@@ -193,7 +193,6 @@ def run_section(run: Path, index: int) -> str:
 def metrics_block(m: dict, fig_id: str) -> str:
     from training.fit import plot_confusion
 
-    plt = _pyplot()  # noqa: F841 - selects the Agg backend before plot_confusion runs
     buf = io.BytesIO()
     plot_confusion(m, buf)
     src = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
