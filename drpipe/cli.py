@@ -640,9 +640,9 @@ def ensemble(runs, method, data, split, val_split, checkpoint, out):
 @click.option("--quantize", type=click.Choice(["dynamic", "float16", "int8"]), default=None,
               is_flag=False, flag_value="dynamic",
               help="TFLite only. --quantize alone = dynamic (int8 weights); float16; int8 "
-                   "(weights and activations, calibrated on training photos; the fastest, "
-                   "and the one to use for MobileNet/EfficientNet, where dynamic is slower "
-                   "than float: docs/BENCHMARKS.md).")
+                   "(weights and activations, calibrated on training photos; the fastest "
+                   "measured, and the one for MobileNetV2, where dynamic ran slower than "
+                   "float: docs/BENCHMARKS.md).")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="[default: RUN/export/FORMAT[-QUANT][.tflite]]")
 @click.option("--checkpoint", type=click.Choice(["final", "best"]), default="final",
