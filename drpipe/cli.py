@@ -517,7 +517,7 @@ def predict(run, sources, out, checkpoint, exported):
     from tqdm import tqdm
 
     from training.ensemble import EnsembleError
-    from training.fit import TrainError, load_config
+    from training.fit import TrainError, load_config, model_path
 
     ensemble = (run / "ensemble.json").exists()
     members = [run]
@@ -534,8 +534,7 @@ def predict(run, sources, out, checkpoint, exported):
         if not (Path(cfg.data) / "dataset_info.json").exists():
             raise DrpipeError(f"{member} was trained on {cfg.data}, whose dataset_info.json "
                               "(the preprocessing to repeat) is missing")
-        if not exported and not (member / ("model.keras" if checkpoint == "final"
-                                           else "checkpoints/best.keras")).exists():
+        if not exported and not model_path(member, checkpoint).exists():
             raise DrpipeError(f"{member}: no {checkpoint} model (is the run finished?)")
     from pipeline.sources import expand_photo_paths
     from training.ensemble import predict_photos as ensemble_predict

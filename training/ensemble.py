@@ -148,7 +148,7 @@ def apply(method: str, fitted: dict, probs: list[np.ndarray]) -> np.ndarray:
 
 def load_members(runs: list[Path], data: str | None, split: str, val_split: str | None,
                  checkpoint: str, log=print) -> tuple[list[Member], str, str]:
-    from training.fit import load_config
+    from training.fit import load_config, model_path
 
     cfgs = []
     for run in runs:
@@ -159,7 +159,7 @@ def load_members(runs: list[Path], data: str | None, split: str, val_split: str 
         if cfg.task != "grade":
             raise EnsembleError(f"{run} is a {cfg.task!r} model; ensembles combine grade "
                                 "models (--task grade)")
-        model = run / ("model.keras" if checkpoint == "final" else "checkpoints/best.keras")
+        model = model_path(run, checkpoint)
         if not model.exists():
             raise EnsembleError(f"{model} does not exist (is the run finished?)")
         cfgs.append(cfg)
@@ -186,8 +186,7 @@ def load_members(runs: list[Path], data: str | None, split: str, val_split: str 
     members = []
     for run, cfg in zip(runs, cfgs, strict=True):
         log(f"predicting {val_split} and {split} with {run}")
-        model = keras.saving.load_model(
-            run / ("model.keras" if checkpoint == "final" else "checkpoints/best.keras"))
+        model = keras.saving.load_model(model_path(run, checkpoint))
         out = {}
         for s in (val_split, split):
             ds = make_dataset(data, s, image_size=cfg.image_size, batch_size=32)

@@ -179,7 +179,7 @@ def export(run: str | Path, fmt: str, out: str | Path | None = None,
            quantize: str | None = None, checkpoint: str = "final", check_split: str = "val",
            check_photos: int = 64, repeats: int = 50, threads: int = 1,
            log=print) -> ExportResult:
-    from training.fit import load_config
+    from training.fit import load_config, model_path
 
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
@@ -193,7 +193,7 @@ def export(run: str | Path, fmt: str, out: str | Path | None = None,
         cfg = load_config(run)
     except FileNotFoundError:
         raise ExportError(f"{run}: not a drpipe run (no config.json)") from None
-    source = run / ("model.keras" if checkpoint == "final" else "checkpoints/best.keras")
+    source = model_path(run, checkpoint)
     if not source.exists():
         raise ExportError(f"{source} does not exist (is the run finished?)")
     info_path = Path(cfg.data) / "dataset_info.json"

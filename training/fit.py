@@ -441,7 +441,7 @@ def evaluate(run: str | Path, data: str | None = None, split: str = "test",
         cfg = TrainConfig(**_tuples(json.loads((run / "config.json").read_text())))
     except FileNotFoundError:
         raise TrainError(f"{run}: not a drpipe run (no config.json)") from None
-    path = run / ("model.keras" if checkpoint == "final" else "checkpoints/best.keras")
+    path = model_path(run, checkpoint)
     if not path.exists():
         raise TrainError(f"{path} does not exist (is the run finished?)")
     model = keras.saving.load_model(path)
@@ -458,6 +458,11 @@ def _tuples(d: dict) -> dict:
         if k in d and d[k] is not None:
             d[k] = tuple(d[k])
     return d
+
+
+def model_path(run: str | Path, checkpoint: str = "final") -> Path:
+    """A run's model file: ``final`` (model.keras) or ``best`` (by validation kappa)."""
+    return Path(run) / ("model.keras" if checkpoint == "final" else "checkpoints/best.keras")
 
 
 def load_config(run: str | Path) -> TrainConfig:

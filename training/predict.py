@@ -53,7 +53,7 @@ def predict_photos(run: str | Path, sources, checkpoint: str = "final",
 
     import training.models  # noqa: F401 - registers the custom layers
     from training.data import image_decoder
-    from training.fit import load_config
+    from training.fit import load_config, model_path
     from training.metrics import apply_thresholds
 
     run = Path(run)
@@ -64,8 +64,7 @@ def predict_photos(run: str | Path, sources, checkpoint: str = "final",
 
         model = runner(exported, threads=os.cpu_count() or 1)
     else:
-        keras_model = keras.saving.load_model(run / ("model.keras" if checkpoint == "final"
-                                                     else "checkpoints/best.keras"))
+        keras_model = keras.saving.load_model(model_path(run, checkpoint))
 
         def model(x):
             return keras_model(x, training=False)
