@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from drpipe import __version__
+from tfrecord_writer.info import has_info
 
 
 class DrpipeError(click.ClickException):
@@ -531,7 +532,7 @@ def predict(run, sources, out, checkpoint, exported):
             cfg = load_config(member)
         except FileNotFoundError:
             raise DrpipeError(f"{member}: not a drpipe run (no config.json)") from None
-        if not (Path(cfg.data) / "dataset_info.json").exists():
+        if not has_info(cfg.data):
             raise DrpipeError(f"{member} was trained on {cfg.data}, whose dataset_info.json "
                               "(the preprocessing to repeat) is missing")
         if not exported and not model_path(member, checkpoint).exists():
@@ -721,7 +722,7 @@ def tune(data, lrs, batch_sizes, grids, out, train_args):
         if any(a == flag or a.startswith(flag + "=") for a in fixed):
             raise click.UsageError(f"{flag} is set by drpipe tune, not per run")
     if "data" not in grid:
-        if not (data / "dataset_info.json").exists():
+        if not has_info(data):
             raise DrpipeError(f"{data}: no drpipe shards here (no dataset_info.json); run "
                               "drpipe preprocess first, or give --data")
         fixed = ["--data", str(data.resolve()), *fixed]

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from tfrecord_writer.example import parse_example, read_records
+from tfrecord_writer.info import has_info, load_info
 
 GRADES = ["0 no DR", "1 mild", "2 moderate", "3 severe", "4 proliferative"]
 COLORS = ["#4c78a8", "#72b7b2", "#eeca3b", "#f58518", "#e45756"]
@@ -237,10 +238,9 @@ nav a{margin-right:14px}
 def build(data: str | Path, runs: list[str | Path] = (), per_grade: int = 8,
           example_splits: tuple[str, ...] | None = None) -> str:
     data = Path(data)
-    info_path = data / "dataset_info.json"
-    if not info_path.exists():
+    if not has_info(data):
         raise ReportError(f"{data}: no drpipe shards here (no dataset_info.json); give --data")
-    info = json.loads(info_path.read_text())
+    info = load_info(data)
     counts: dict[str, list[int]] = info["counts"]
     proc = info["config"]["process"]
     summary = info.get("summary", {})

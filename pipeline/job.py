@@ -14,8 +14,9 @@ The life of a run, and what makes it safe to schedule, kill and re-run:
 4. Order each split's records by a seeded shuffle, cut them into shards of about
    ``--shard-size`` MB by size alone, and write each shard under a temporary name, renamed
    when complete. Shards already committed by an interrupted run are identical and kept.
-5. Write the manifest, then ``dataset_info.json`` — its presence marks a finished run — and
-   remove the staging area.
+5. Write the manifest, then drpipe's ``drpipe_info.json`` and the TensorFlow Datasets files
+   (:mod:`tfrecord_writer.info`), ``dataset_info.json`` last — its presence marks a finished
+   run — and remove the staging area.
 
 The same inputs and configuration give byte-identical shards and manifest, whatever the
 number of workers or the cluster.
@@ -41,6 +42,7 @@ from pipeline import manifest
 from pipeline.process import ProcessConfig, ProcessedImage, Rejection, process, read_photo
 from pipeline.sources import Source, detect_source
 from pipeline.split import assign_splits
+from tfrecord_writer import info as output_info
 from tfrecord_writer.example import serialize_example
 from tfrecord_writer.schema import FEATURES, Record
 from tfrecord_writer.writer import (
@@ -55,9 +57,9 @@ BATCH_SIZE = 32  # photos per Dask task: ~1 s of work, small enough to bound mem
 STATE_FILE = ".drpipe-state.json"
 LOCK_FILE = ".drpipe.lock"
 STAGING = ".staging"
-INFO_FILE = "dataset_info.json"
+INFO_FILE = output_info.INFO_FILE
 OWN_FILES = {STATE_FILE, LOCK_FILE, STAGING, INFO_FILE, "data_manifest.csv",
-             "manifest.parquet"}
+             "manifest.parquet", *output_info.FILES}
 
 
 class JobError(RuntimeError):
@@ -305,7 +307,7 @@ def _run(config: JobConfig, opts: RunOptions, progress_factory) -> dict:
         state = {"config_hash": config.hash(), "input_hash": _input_fingerprint(source, photos),
                  "drpipe_version": _version()}
         if _prepare_out(out, state, opts.overwrite):
-            info = json.loads((out / INFO_FILE).read_text())
+            info = output_info.load_info(out)
             return dict(info["summary"], already_complete=True)
 
         # Splits come from the labels alone (drpipe split gives the same), never from
@@ -361,7 +363,7 @@ def _run(config: JobConfig, opts: RunOptions, progress_factory) -> dict:
                 "splits": shards, "counts": summary["counts"],
                 "config": config.output_config(), "config_hash": config.hash(),
                 "input_hash": state["input_hash"], "summary": summary}
-        atomic_write_bytes(out / INFO_FILE, json.dumps(info, indent=2).encode())
+        output_info.write_info(out, info)
         shutil.rmtree(staging, ignore_errors=True)
         return summary
 

@@ -136,12 +136,16 @@ def frame_record(data: bytes) -> bytes:
 
 def read_records(path) -> list[bytes]:
     """Read back a TFRecord file, checking both CRCs (used by tests and by resume checks)."""
-    out = []
+    return list(iter_records(path))
+
+
+def iter_records(path):
+    """The records of a TFRecord file one at a time, checking both CRCs."""
     with open(path, "rb") as f:
         while True:
             head = f.read(12)
             if not head:
-                return out
+                return
             if len(head) < 12:
                 raise ValueError(f"{path}: truncated record header")
             (n,), (crc,) = struct.unpack("<Q", head[:8]), struct.unpack("<I", head[8:])
@@ -152,4 +156,4 @@ def read_records(path) -> list[bytes]:
                 raise ValueError(f"{path}: truncated record")
             if _masked_crc(data) != struct.unpack("<I", tail)[0]:
                 raise ValueError(f"{path}: bad data CRC")
-            out.append(data)
+            yield data

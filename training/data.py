@@ -9,11 +9,11 @@ normalise differently from training.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import tensorflow as tf
 
+from tfrecord_writer.info import load_info
 from tfrecord_writer.schema import tf_feature_spec
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -31,8 +31,8 @@ def shard_files(data_dir: str | Path, split: str) -> list[str]:
 
 
 def split_counts(data_dir: str | Path, split: str) -> list[int]:
-    """Photos per grade in a split, from dataset_info.json (no pass over the data)."""
-    info = json.loads((Path(data_dir) / "dataset_info.json").read_text())
+    """Photos per grade in a split, from drpipe_info.json (no pass over the data)."""
+    info = load_info(data_dir)
     return list(info["counts"][split])
 
 
@@ -47,8 +47,8 @@ def target_for(task: str, grade: tf.Tensor) -> tf.Tensor:
 
 
 def stored_image(data_dir: str | Path) -> tuple[int, str]:
-    """(side in pixels, "jpeg" | "png") of the images in the shards (dataset_info.json)."""
-    info = json.loads((Path(data_dir) / "dataset_info.json").read_text())
+    """(side in pixels, "jpeg" | "png") of the images in the shards (drpipe_info.json)."""
+    info = load_info(data_dir)
     proc = info["config"]["process"]
     return int(proc["size"]), str(proc["format"])
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tfrecord_writer.info import has_info, load_info
 from training import metrics as M
 
 METHODS = ("vote", "mean", "weighted", "stack")
@@ -165,10 +166,9 @@ def load_members(runs: list[Path], data: str | None, split: str, val_split: str 
         cfgs.append(cfg)
     data = str(data or cfgs[0].data)
     val_split = val_split or cfgs[0].val_split
-    info = Path(data) / "dataset_info.json"
-    if not info.exists():
+    if not has_info(data):
         raise EnsembleError(f"{data}: no drpipe shards here (no dataset_info.json)")
-    counts = json.loads(info.read_text())["counts"]
+    counts = load_info(data)["counts"]
     for s in (split, val_split):
         if s not in counts:
             raise EnsembleError(f"{data} has no split {s!r} (has {', '.join(counts)})")

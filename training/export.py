@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tfrecord_writer.info import has_info, load_info
+
 FORMATS = ("savedmodel", "tflite")
 # dynamic: int8 weights, float activations (no data needed; ~4x smaller)
 # float16: float16 weights (~2x smaller, GPU delegates)
@@ -196,8 +198,7 @@ def export(run: str | Path, fmt: str, out: str | Path | None = None,
     source = model_path(run, checkpoint)
     if not source.exists():
         raise ExportError(f"{source} does not exist (is the run finished?)")
-    info_path = Path(cfg.data) / "dataset_info.json"
-    if not info_path.exists():
+    if not has_info(cfg.data):
         raise ExportError(f"{run} was trained on {cfg.data}, whose dataset_info.json is "
                           "missing (needed for the preprocessing record and the check)")
     suffix = {"savedmodel": "", "tflite": ".tflite"}[fmt]
@@ -212,7 +213,7 @@ def export(run: str | Path, fmt: str, out: str | Path | None = None,
 
     keras.mixed_precision.set_global_policy("float32")
     model = keras.saving.load_model(source)
-    info = json.loads(info_path.read_text())
+    info = load_info(cfg.data)
     split = check_split if check_split in info["counts"] else next(iter(info["counts"]))
     photos = _split_images(cfg.data, split, cfg.image_size, check_photos)
     if not len(photos):

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tfrecord_writer.info import has_info, load_info
 from training import metrics as M
 
 
@@ -329,12 +330,11 @@ def _callbacks(cfg, run: Path, val_ds, bn_ds, phase: int, n_train: int):
 def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     """Train (or continue) the run in ``cfg.out``; returns the validation metrics."""
     # Check what can be checked before importing TensorFlow (seconds, and log noise).
-    info = Path(cfg.data) / "dataset_info.json"
-    if not info.exists():
+    if not has_info(cfg.data):
         raise TrainError(f"{cfg.data}: no drpipe shards here (no dataset_info.json); run "
                          "drpipe preprocess first, or give --data")
     for split in (cfg.train_split, cfg.val_split):
-        if split not in json.loads(info.read_text())["counts"]:
+        if split not in load_info(cfg.data)["counts"]:
             raise TrainError(f"{cfg.data} has no split {split!r}")
     run = Path(cfg.out)
     if resume:

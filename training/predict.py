@@ -21,6 +21,7 @@ from pipeline.encode import encode
 from pipeline.filters import FilterParams
 from pipeline.process import ProcessConfig, Rejection, prepare_or_reject, read_photo
 from pipeline.sources import expand_photo_paths
+from tfrecord_writer.info import load_info
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,8 @@ class Prediction:
 
 
 def process_config_of(data_dir: str | Path) -> ProcessConfig:
-    """The ProcessConfig the shards were made with (from their dataset_info.json)."""
-    info = json.loads((Path(data_dir) / "dataset_info.json").read_text())
+    """The ProcessConfig the shards were made with (from drpipe_info.json)."""
+    info = load_info(data_dir)
     proc = dict(info["config"]["process"])
     proc["filter_params"] = FilterParams(**proc.get("filter_params", {}))
     return ProcessConfig(**proc)
