@@ -17,6 +17,7 @@ import pytest
 from pipeline.synth import synth_dataset
 from tests.reliability.helpers import kill_when, start
 from tests.test_cli import DRPIPE
+from tfrecord_writer.info import load_info
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 KEYS = ["image/encoded", "image/format", "image/height", "image/width", "image/class/label",
@@ -146,7 +147,7 @@ def test_splits_patient_safe_and_stratified(out2):
 
 
 def test_several_shards_named_and_sized(out2):
-    info = json.loads((out2 / "dataset_info.json").read_text())
+    info = load_info(out2)
     train = info["splits"]["train"]["shards"]
     n = len(train)
     assert n >= 4
@@ -189,7 +190,7 @@ def test_changed_config_refused_unless_overwrite(raw, tmp_path):
     assert "Traceback" not in r.stderr
     preprocess("--src", raw, "--out", tmp_path, "--limit", 20, "--workers", 1, "--size", 256,
                "--overwrite")
-    info = json.loads((tmp_path / "dataset_info.json").read_text())
+    info = load_info(tmp_path)
     assert info["config"]["process"]["size"] == 256
 
 
@@ -227,7 +228,7 @@ def test_config_file(raw, tmp_path):
     cfg.write_text('size = 128\nfilter = "clahe"\nshard-size = 0.05\nlimit = 12\nworkers = 1\n'
                    'split = "train=0.5,val=0.5"\n')
     preprocess("--config", cfg, "--src", raw, "--out", tmp_path / "o", "--size", 160)
-    info = json.loads((tmp_path / "o/dataset_info.json").read_text())
+    info = load_info(tmp_path / "o")
     assert info["config"]["process"]["size"] == 160  # the command line wins
     assert info["config"]["process"]["filter"] == "clahe"
     assert info["config"]["split"] == {"train": 0.5, "val": 0.5}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.training.test_train import drpipe
+from tfrecord_writer.info import load_info
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -65,7 +65,7 @@ def test_report_is_self_contained(made):
     assert srcs and all(s.startswith("data:image/") for s in srcs)
     assert "<link" not in page and "<script" not in page and "http://" not in page
     assert "not_an_image" in page and "truncated" in page  # rejection reasons, by name
-    counts = json.loads((made / "shards/dataset_info.json").read_text())["counts"]
+    counts = load_info(made / "shards")["counts"]
     per_grade = [sum(c[g] for c in counts.values()) for g in range(5)]
     assert page.count('class="example"') == sum(min(8, n) for n in per_grade) > 20
     for fig in ("fig-grades", "fig-rejections", "fig-curves-0", "fig-confusion-0-val",
