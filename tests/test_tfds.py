@@ -275,3 +275,23 @@ def test_previous_format_still_loads(jpeg_out, synth_dir, tmp_path):
     assert (old / "dataset_info.json").read_bytes() == before
     with pytest.raises(FileNotFoundError, match="no drpipe shards here"):
         load_info(tmp_path)
+
+
+@pytest.mark.slow
+def test_previous_format_trains_predicts_and_reports(jpeg_out, synth_dir, tmp_path):
+    """The commands themselves on an old output: train, predict (its preprocessing comes
+    from the info), report (~1 min on two cores)."""
+    from tests.training.test_train import drpipe
+
+    old = _previous_format(jpeg_out, tmp_path / "old")
+    run = tmp_path / "run"
+    drpipe("train", "--data", old, "--model", "cnn-small", "--image-size", 32, "--epochs", 1,
+           "--batch-size", 8, "--precise-bn", 0, "--out", run)
+    photos = sorted((synth_dir / "train").glob("*.jpeg"))[:3]
+    drpipe("predict", run, *[a for p in photos for a in ("--src", p)], "--out",
+           tmp_path / "preds.csv")
+    preds = list(csv.DictReader(open(tmp_path / "preds.csv")))
+    assert [r["status"] for r in preds] == ["ok"] * 3
+    drpipe("report", "--data", old, "--run", run, "--examples", 1, "--out", tmp_path / "r.html")
+    page = (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert str(load_info(old)["config_hash"]) in page
