@@ -258,7 +258,9 @@ def preprocess(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_me
 
     Re-running resumes an interrupted run (same bytes as an uninterrupted one) and is a
     no-op on a finished one. Outputs: {split}-{i:05d}-of-{n:05d}.tfrecord,
-    data_manifest.csv, manifest.parquet, dataset_info.json (docs/FORMAT.md).
+    data_manifest.csv, manifest.parquet, drpipe_info.json, and the TensorFlow Datasets
+    files (features.json; dataset_info.json, written last), so that
+    tfds.builder_from_directory opens the output (docs/FORMAT.md).
     """
     from tqdm import tqdm
 
@@ -507,7 +509,7 @@ def evaluate(run, data, split, checkpoint):
                    "the run's Keras model, with the same preprocessing.")
 def predict(run, sources, out, checkpoint, exported):
     """Grade raw photos with a trained RUN, preprocessed exactly as its training data was
-    (settings read from the run's dataset_info.json): no train/serve skew.
+    (settings read from its training data's drpipe_info.json): no train/serve skew.
 
     RUN may also be the output of drpipe ensemble: each member grades with its own
     preprocessing and the ensemble combines them as it was fitted (--checkpoint and

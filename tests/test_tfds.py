@@ -145,6 +145,8 @@ def test_as_supervised_gives_image_and_grade(jpeg_out):
 
 def test_shuffled_reading_needs_the_ordering_guard_off(jpeg_out):
     builder = tfds.builder_from_directory(jpeg_out)
+    with pytest.raises(ValueError, match="ordered dataset"):
+        builder.as_dataset(split="train", shuffle_files=True)
     ids = ids_of(builder.as_dataset(
         split="train", shuffle_files=True,
         read_config=tfds.ReadConfig(enable_ordering_guard=False, shuffle_seed=1)))
