@@ -297,3 +297,16 @@ def test_previous_format_trains_predicts_and_reports(jpeg_out, synth_dir, tmp_pa
     drpipe("report", "--data", old, "--run", run, "--examples", 1, "--out", tmp_path / "r.html")
     page = (tmp_path / "r.html").read_text(encoding="utf-8")
     assert str(load_info(old)["config_hash"]) in page
+
+
+def test_a_split_without_records_is_left_out_of_the_tfds_info(jpeg_out, tmp_path):
+    out = tmp_path / "o"
+    shutil.copytree(jpeg_out, out)
+    info = load_info(out)
+    info["splits"]["holdout"] = {"shards": [], "records": 0}
+    output_info.write_info(out, info)
+    builder = tfds.builder_from_directory(out)
+    assert set(builder.info.splits) == {"train", "val", "test"}
+    assert ids_of(builder.as_dataset(split="val")) == [
+        r["image/id"].decode() for r in direct(out, "val")]
+    assert load_info(out)["splits"]["holdout"]["records"] == 0
