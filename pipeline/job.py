@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import manifest
+from pipeline.archive import fingerprint_key
 from pipeline.process import ProcessConfig, ProcessedImage, Rejection, process, read_photo
 from pipeline.sources import Source, detect_source
 from pipeline.split import assign_splits
@@ -121,7 +122,8 @@ def process_batch(root: str, items: list[dict], config: ProcessConfig) -> dict:
         row = dict(it, status="ok", reason="", sha256="", bytes=None, width=None,
                    height=None, retina_cx=None, retina_cy=None, retina_r=None)
         record = None
-        data = read_photo(Path(root, it["path"]))
+        data = (root.read(it["path"]) if hasattr(root, "read")  # an archive member
+                else read_photo(Path(root, it["path"])))
         if isinstance(data, Rejection):
             result = data
         else:
@@ -180,8 +182,9 @@ class _Lock:
 def _input_fingerprint(source: Source, photos) -> str:
     h = hashlib.sha256()
     for p in photos:
-        try:
-            size = os.stat(source.root / p.path).st_size
+        try:  # an archive member: from the central directory, no stat per photo
+            size = (fingerprint_key(source.archive.member(p.path)) if source.archive is not None
+                    else os.stat(source.root / p.path).st_size)
         except OSError:
             size = -1
         h.update(f"{p.image_id}\t{p.path}\t{p.label}\t{size}\n".encode())
@@ -324,7 +327,7 @@ def _run(config: JobConfig, opts: RunOptions, progress_factory) -> dict:
         done_photos = sum(len(batches[k]) for k in range(len(batches)) if k not in set(todo))
         t_process = time.time()
         if todo:
-            _process_batches(batches, todo, source.root, config, opts, staging,
+            _process_batches(batches, todo, source.archive or source.root, config, opts, staging,
                              progress_factory, done_photos, len(photos))
         t_shards = time.time()
 
@@ -382,7 +385,8 @@ def _process_batches(batches, todo, root, config, opts, staging, progress_factor
             k = next(pending, None)
             if k is None:
                 return
-            f = client.submit(process_batch, str(root), batches[k], config.process,
+            f = client.submit(process_batch, _task_root(root, batches[k]), batches[k],
+                              config.process,
                               key=f"drpipe-batch-{key}-{k}", retries=2, pure=False)
             futures[f] = k
             ac.add(f)
@@ -408,6 +412,11 @@ def _process_batches(batches, todo, root, config, opts, staging, progress_factor
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+def _task_root(root, batch):
+    """A folder's path, or the directory entries of this batch's archive members."""
+    return root.batch([it["path"] for it in batch]) if hasattr(root, "batch") else str(root)
 
 
 def _flag_duplicates(rows: list[dict]) -> None:

@@ -1,0 +1,59 @@
+"""Local paths and fsspec URLs (``s3://``, ``gs://``, any installed protocol), read alike.
+
+Only what the sources and archives need: list a folder, a file's size, a ranged read, a
+whole read. A local path never goes through fsspec. Credentials come from the environment
+or the instance's role (the store's own chain); ``storage_options`` are passed through and
+never written anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def is_url(path) -> bool:
+    s = str(path)
+    return "://" in s and not s.startswith("file://")
+
+
+def filesystem(url: str, storage_options: dict | None = None):
+    import fsspec
+
+    protocol = url.split("://", 1)[0]
+    return fsspec.filesystem(protocol, **(storage_options or {}))
+
+
+def read_range(url: str, start: int, end: int, storage_options: dict | None = None) -> bytes:
+    """Bytes ``[start, end)`` of a file: one seek and read, or one ranged request."""
+    if is_url(url):
+        return filesystem(url, storage_options).cat_file(url, start=start, end=end)
+    with open(url, "rb") as f:
+        f.seek(start)
+        return f.read(end - start)
+
+
+def size(url: str, storage_options: dict | None = None) -> int:
+    if is_url(url):
+        return int(filesystem(url, storage_options).size(url))
+    return os.stat(url).st_size
+
+
+def listdir(url: str, storage_options: dict | None = None) -> dict[str, int]:
+    """{name: size} of the files directly in a folder (empty if it is no folder)."""
+    if is_url(url):
+        fs = filesystem(url, storage_options)
+        try:
+            entries = fs.ls(url, detail=True)
+        except FileNotFoundError:
+            return {}
+        return {e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0)
+                for e in entries if e.get("type") == "file"}
+    try:
+        with os.scandir(url) as it:
+            return {e.name: e.stat().st_size for e in it if e.is_file()}
+    except (NotADirectoryError, FileNotFoundError):
+        return {}
+
+
+def join(base: str, name: str) -> str:
+    return f"{str(base).rstrip('/')}/{name}" if is_url(base) else os.path.join(base, name)
