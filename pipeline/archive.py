@@ -214,10 +214,10 @@ def open_archive(parts: list[Part], storage_options: dict | None = None) -> Arch
         raise ArchiveError("no archive parts")
     ps = Parts(parts, storage_options)
     label = parts[-1].name
-    _check_sizes(parts)
     eocd_pos, eocd = _find_eocd(ps)
     if eocd_pos is None:
         raise ArchiveError(_no_end_record(ps))
+    _check_sizes(parts)
     _, disk, cd_disk, n_disk, n_total, cd_size, cd_offset, _ = eocd
     end_of_cd = eocd_pos  # where the central directory must end
     total_disks = 1
