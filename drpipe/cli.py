@@ -3,7 +3,7 @@
 Exit codes (documented in README.md):
   0  the command completed (rejected photos are listed, not failures)
   1  the run failed: a one-line reason on stderr
-  2  usage error: a bad option, a missing input
+  2  usage error: a bad option, a missing input, the training stack not installed
   3  bad input data: a labels file or source layout that cannot be used as it is
 """
 
@@ -127,6 +127,28 @@ def main():
     Exit codes: 0 done (rejected photos are listed, not failures), 1 the run failed,
     2 usage error, 3 bad input data (labels, source layout).
     """
+    _need_training_stack(click.get_current_context().invoked_subcommand)
+
+
+# Commands of the drpipe[train] extra (TensorFlow): without it they say what to install.
+TRAIN_COMMANDS = {"train", "evaluate", "predict", "explain", "ensemble", "export", "tune"}
+
+
+def _need_training_stack(command: str | None) -> None:
+    """Before any work: one line and exit 2 if ``command`` needs TensorFlow and it is not
+    installed (``pip install 'drpipe[train]'``)."""
+    import importlib.util
+
+    if command not in TRAIN_COMMANDS or {"-h", "--help"} & set(sys.argv):
+        return
+    try:
+        found = importlib.util.find_spec("tensorflow") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        click.echo(f"drpipe: error: drpipe {command} needs the training stack (TensorFlow "
+                   "is not installed): pip install 'drpipe[train]'", err=True)
+        sys.exit(2)
 
 
 @main.command()
@@ -790,6 +812,10 @@ def report(data, runs, out, examples):
                + (f" and {len(runs)} run(s)" if runs else ""))
 
 
+# Modules of the drpipe[train] extra: a command that needs one says what to install (exit 2).
+TRAIN_MODULES = {"tensorflow", "keras", "tensorboard", "ai_edge_litert", "tf_keras"}
+
+
 def run() -> None:
     """Entry point with a last-resort guard: a bug prints one line, not a traceback
     (DRPIPE_DEBUG=1 shows it)."""
@@ -800,6 +826,11 @@ def run() -> None:
     except Exception as e:  # noqa: BLE001
         if os.environ.get("DRPIPE_DEBUG"):
             raise
+        if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] in TRAIN_MODULES:
+            command = next((a for a in sys.argv[1:] if not a.startswith("-")), "this command")
+            click.echo(f"drpipe: error: drpipe {command} needs the training stack (no module "
+                       f"{e.name!r}): pip install 'drpipe[train]'", err=True)
+            sys.exit(2)
         click.echo(f"drpipe: internal error: {type(e).__name__}: {e} "
                    "(set DRPIPE_DEBUG=1 for the traceback)", err=True)
         sys.exit(1)
