@@ -62,6 +62,29 @@ def _load_config_file(ctx, param, value):
     return value
 
 
+def _local_file_or_url(ctx, param, value):
+    """A local file that must exist, or a store URL (checked when read)."""
+    if value is None or "://" in value:
+        return value
+    if not Path(value).is_file():
+        raise click.BadParameter(f"{value}: no such file", ctx, param)
+    return value
+
+
+def _storage_options(ctx, param, values) -> dict:
+    """KEY=VALUE pairs; a value that parses as JSON (true, 5, {...}) is taken as such."""
+    out = {}
+    for v in values:
+        key, sep, raw = v.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{v!r}: expected KEY=VALUE", ctx, param)
+        try:
+            out[key] = json.loads(raw)
+        except ValueError:
+            out[key] = raw
+    return out
+
+
 def _filter_option(f):
     from pipeline.filters import available
 
@@ -233,12 +256,17 @@ def preview(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_megap
 @click.option("--config", type=click.Path(exists=True, dir_okay=False), callback=_load_config_file,
               is_eager=True, expose_value=False,
               help="TOML file with any of these options (keys as option names).")
-@click.option("--src", type=click.Path(path_type=Path), default="raw", show_default=True,
+@click.option("--src", type=click.Path(), metavar="PATH|URL", default="raw", show_default=True,
               help="Source directory: Kaggle (train/ + trainLabels.csv, test/ + "
                    "retinopathy_solution.csv), APTOS (train.csv + train_images/), folders "
-                   "0/..4/, or any folder with --labels.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default="shards",
-              show_default=True, help="Output directory for shards, manifest, dataset_info.json.")
+                   "0/..4/, or any folder with --labels; Kaggle's archive volumes "
+                   "(train.zip.001... and test.zip.001..., labels beside them as .csv or "
+                   ".csv.zip) or one .zip, read in place; or any of these in an object store "
+                   "(s3://bucket/raw, gs://...).")
+@click.option("--out", type=click.Path(file_okay=False), metavar="PATH|URL", default="shards",
+              show_default=True, help="Output directory for shards, manifest, "
+                                      "dataset_info.json; or a store URL (s3://bucket/shards): "
+                                      "staged on this disk, each shard uploaded whole.")
 @_process_options
 @click.option("--format", "fmt", type=click.Choice(["jpeg", "png"]), default="jpeg",
               show_default=True, help="Encoding of the processed photos in the records.")
@@ -252,11 +280,17 @@ def preview(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_megap
               help="Worker processes of the local Dask cluster [default: all cores].")
 @click.option("--scheduler", default=None, metavar="ADDRESS",
               help="Join an existing Dask cluster (e.g. tcp://10.0.0.5:8786) instead of "
-                   "starting a local one; workers must see --src.")
+                   "starting a local one; workers must see --src, or reach its store when "
+                   "it is a URL.")
 @click.option("--source", "source_kind", type=click.Choice(["kaggle", "aptos", "folders", "csv"]),
               default=None, help="Source layout [default: detected].")
-@click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              default=None, help="Labels CSV for any layout (photos matched by file name).")
+@click.option("--labels", callback=_local_file_or_url, metavar="FILE|URL", default=None,
+              help="Labels CSV for any layout (photos matched by file name).")
+@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
+              callback=_storage_options,
+              help="An fsspec option for URLs (e.g. endpoint_url=http://minio:9000, "
+                   "anon=true); repeatable. Credentials come from the environment or the "
+                   "instance's role and are never stored.")
 @click.option("--id-col", default="image", show_default=True, help="--labels: image id column.")
 @click.option("--label-col", default="level", show_default=True,
               help="--labels: grade (0-4) column.")
@@ -273,7 +307,7 @@ def preview(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_megap
 def preprocess(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_megapixels,
                min_side, fmt, split_spec, seed, shard_size, workers, scheduler, source_kind,
                labels, id_col, label_col, patient_col, limit, strict, overwrite, quiet,
-               summary_json):
+               summary_json, storage_options):
     """Verify, crop, resize and filter every photo in parallel on Dask, split patients
     safely, and write sharded TFRecords with a manifest that accounts for every photo.
 
@@ -283,10 +317,16 @@ def preprocess(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_me
     """
     from tqdm import tqdm
 
+    from pipeline import storage
     from pipeline.job import JobConfig, JobError, RunOptions
     from pipeline.job import run as run_job
+    from pipeline.remote_out import run_to_store
     from pipeline.sources import LabelError, SourceError
     from pipeline.split import parse_split_spec
+
+    storage.configure(storage_options)
+    if storage.is_url(out):
+        run_job = run_to_store  # noqa: F811 - staged here, uploaded shard by shard
 
     try:
         ratios = parse_split_spec(split_spec)
@@ -316,10 +356,10 @@ def preprocess(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_me
         _print_summary(summary, out)
     if strict and summary["rejected"]:
         raise DrpipeError(f"--strict: {summary['rejected']} photo(s) rejected "
-                          f"(reasons in {out / 'data_manifest.csv'})")
+                          f"(reasons in {out}/data_manifest.csv)")
 
 
-def _print_summary(s: dict, out: Path) -> None:
+def _print_summary(s: dict, out) -> None:
     if s.get("already_complete"):
         click.echo(f"{out}: already complete ({s['ok']} photos in "
                    f"{sum(s['shards'].values())} shards); nothing to do")
@@ -333,7 +373,7 @@ def _print_summary(s: dict, out: Path) -> None:
                    + " / ".join(map(str, grades)))
     if s["rejected"]:
         reasons = ", ".join(f"{k} {v}" for k, v in s["rejected_by_reason"].items())
-        click.echo(f"  rejected {s['rejected']}: {reasons} (see {out / 'data_manifest.csv'})")
+        click.echo(f"  rejected {s['rejected']}: {reasons} (see {out}/data_manifest.csv)")
     if s["labels_without_photo"]:
         click.echo(f"  labels without a photo: {s['labels_without_photo']}")
     if s["duplicates"]:

@@ -77,7 +77,8 @@ class Parts:
 
     def __init__(self, parts: list[Part], storage_options: dict | None = None):
         self.parts = list(parts)
-        self.storage_options = storage_options or {}
+        self.storage_options = dict(storage.OPTIONS if storage_options is None
+                                    else storage_options)
         self.starts = []
         pos = 0
         for p in self.parts:
@@ -128,7 +129,8 @@ class MemberReader:
                  storage_options: dict | None = None):
         self.parts = list(parts)
         self.members = members
-        self.storage_options = storage_options or {}
+        self.storage_options = dict(storage.OPTIONS if storage_options is None
+                                    else storage_options)
 
     def read(self, name: str) -> bytes | Rejection:
         """The member's bytes, checked against its CRC-32 and size, or why not. Never raises."""
@@ -382,11 +384,6 @@ def _probe_parts(ps: Parts, members: dict[str, Member]) -> None:
                                "out of order, or from another download")
 
 
-def fingerprint_key(member: Member) -> str:
-    """What the input fingerprint takes from a member: its CRC-32 and size, no stat."""
-    return f"{member[4]:08x}:{member[2]}"
-
-
 # ---------------------------------------------------------------------------- as a source
 
 
@@ -402,6 +399,11 @@ class ArchiveSource:
 
     def member(self, path: str) -> Member:
         return self.archives[self.where[path]].members[path]
+
+    def fingerprint(self, path: str) -> str:
+        """What the input fingerprint takes from a member: its CRC-32 and size, no stat."""
+        m = self.member(path)
+        return f"{m[4]:08x}:{m[2]}"
 
     def batch(self, paths) -> BatchReader:
         by_archive: dict[int, list[str]] = {}
@@ -499,7 +501,7 @@ def _root(src: str):
 
 
 def _with_archive(source, archive: ArchiveSource):
-    source.archive = archive
+    source.reader = archive
     return source
 
 

@@ -38,7 +38,6 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import manifest
-from pipeline.archive import fingerprint_key
 from pipeline.process import ProcessConfig, ProcessedImage, Rejection, process, read_photo
 from pipeline.sources import Source, detect_source
 from pipeline.split import assign_splits
@@ -85,14 +84,19 @@ class JobConfig:
     def output_config(self) -> dict:
         """The configuration as stored with the data (paths made absolute)."""
         d = dataclasses.asdict(self)
-        d["src"] = str(Path(self.src).resolve())
-        d["labels"] = str(Path(self.labels).resolve()) if self.labels else None
+        d["src"] = _absolute(self.src)
+        d["labels"] = _absolute(self.labels) if self.labels else None
         del d["out"]
         return d
 
     def hash(self) -> str:
         blob = json.dumps(self.output_config(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _absolute(path: str) -> str:
+    """A local path made absolute; a URL (s3://, gs://) as it is."""
+    return path if "://" in str(path) else str(Path(path).resolve())
 
 
 @dataclass
@@ -182,8 +186,8 @@ class _Lock:
 def _input_fingerprint(source: Source, photos) -> str:
     h = hashlib.sha256()
     for p in photos:
-        try:  # an archive member: from the central directory, no stat per photo
-            size = (fingerprint_key(source.archive.member(p.path)) if source.archive is not None
+        try:  # archive members, objects in a store: from the index, no stat per photo
+            size = (source.reader.fingerprint(p.path) if source.reader is not None
                     else os.stat(source.root / p.path).st_size)
         except OSError:
             size = -1
@@ -300,8 +304,8 @@ def _run(config: JobConfig, opts: RunOptions, progress_factory) -> dict:
     if not os.access(out, os.W_OK):
         raise JobError(f"{out} is not writable")
     with _Lock(out):
-        source = detect_source(Path(config.src), config.source_kind,
-                               Path(config.labels) if config.labels else None,
+        source = detect_source(config.src, config.source_kind,  # a path or a URL
+                               config.labels or None,
                                config.id_col, config.label_col, config.patient_col)
         photos = source.photos[:config.limit] if config.limit else source.photos
         missing = [] if config.limit else source.labels_without_photo
@@ -327,7 +331,7 @@ def _run(config: JobConfig, opts: RunOptions, progress_factory) -> dict:
         done_photos = sum(len(batches[k]) for k in range(len(batches)) if k not in set(todo))
         t_process = time.time()
         if todo:
-            _process_batches(batches, todo, source.archive or source.root, config, opts, staging,
+            _process_batches(batches, todo, source.reader or source.root, config, opts, staging,
                              progress_factory, done_photos, len(photos))
         t_shards = time.time()
 

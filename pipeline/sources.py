@@ -65,7 +65,7 @@ class Source:
     root: Path
     photos: list[ImageRecord]
     labels_without_photo: list[LabelRow] = field(default_factory=list)
-    archive: object | None = None  # pipeline.archive.ArchiveSource: photos read in place
+    reader: object | None = None  # photos read in place: archive members, objects in a store
 
 
 def patient_and_eye(image_id: str) -> tuple[str, str]:
@@ -210,9 +210,9 @@ def detect_source(src: Path, kind: str | None = None, labels: Path | None = None
                   id_col: str = "image", label_col: str = "level",
                   patient_col: str | None = None) -> Source:
     """Find photos and labels under ``src``. ``labels`` given means kind ``csv``."""
-    from pipeline.archive import detect_archive_source  # zips and Kaggle's split volumes
+    from pipeline.remote_source import detect_in_place  # archives, object stores
 
-    found = detect_archive_source(src, kind, labels, id_col, label_col, patient_col)
+    found = detect_in_place(src, kind, labels, id_col, label_col, patient_col)
     if found is not None:
         return found
     src = Path(src)

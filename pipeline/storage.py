@@ -10,6 +10,15 @@ from __future__ import annotations
 
 import os
 
+# --storage-option KEY=VALUE, set once by the command line; readers shipped to workers carry
+# a copy. Never part of a configuration, an output or a log line.
+OPTIONS: dict = {}
+
+
+def configure(options: dict) -> None:
+    OPTIONS.clear()
+    OPTIONS.update(options)
+
 
 def is_url(path) -> bool:
     s = str(path)
@@ -20,7 +29,8 @@ def filesystem(url: str, storage_options: dict | None = None):
     import fsspec
 
     protocol = url.split("://", 1)[0]
-    return fsspec.filesystem(protocol, **(storage_options or {}))
+    return fsspec.filesystem(protocol, **(OPTIONS if storage_options is None
+                                          else storage_options))
 
 
 def read_range(url: str, start: int, end: int, storage_options: dict | None = None) -> bytes:
@@ -57,3 +67,22 @@ def listdir(url: str, storage_options: dict | None = None) -> dict[str, int]:
 
 def join(base: str, name: str) -> str:
     return f"{str(base).rstrip('/')}/{name}" if is_url(base) else os.path.join(base, name)
+
+
+def read_all(url: str, storage_options: dict | None = None) -> bytes:
+    if is_url(url):
+        return filesystem(url, storage_options).cat_file(url)
+    with open(url, "rb") as f:
+        return f.read()
+
+
+def walk(url: str, storage_options: dict | None = None) -> dict[str, tuple[int, str]]:
+    """{path relative to url: (size, etag)} of every object under a store prefix."""
+    fs = filesystem(url, storage_options)
+    base = fs._strip_protocol(url).rstrip("/")
+    out = {}
+    for key, e in fs.find(url, detail=True).items():
+        if e.get("type", "file") != "file" or not key.startswith(base + "/"):
+            continue
+        out[key[len(base) + 1:]] = (int(e.get("size") or 0), str(e.get("ETag", "")).strip('"'))
+    return out

@@ -241,9 +241,9 @@ def test_spanned_multi_disk_zip_refused(zips, tmp_path):
 
 def test_fingerprint_from_directory_not_stat(parts, tmp_path):
     src = detect_source(parts[0].parent)
-    assert src.kind == "kaggle" and len(src.photos) == 31 and src.archive is not None
-    m = src.archive.member("train/15_left.jpeg")
-    assert A.fingerprint_key(m) == f"{m[4]:08x}:{m[2]}"
+    assert src.kind == "kaggle" and len(src.photos) == 31 and src.reader is not None
+    m = src.reader.member("train/15_left.jpeg")
+    assert src.reader.fingerprint("train/15_left.jpeg") == f"{m[4]:08x}:{m[2]}"
 
 
 def test_labels_zipped_beside_the_parts(parts, sample_dir):
