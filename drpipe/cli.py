@@ -85,6 +85,24 @@ def _storage_options(ctx, param, values) -> dict:
     return out
 
 
+def _data_dir(ctx, param, value):
+    """--data: a local folder as a Path; a store URL staged to the local cache first
+    (TensorFlow has no s3:// filesystem)."""
+    if value is None:
+        return None
+    if "://" not in str(value):
+        return Path(value)
+    from pipeline.job import JobError
+    from pipeline.remote_out import stage_shards
+
+    try:
+        return stage_shards(str(value))
+    except JobError as e:
+        raise DrpipeError(str(e)) from None
+    except OSError as e:
+        raise DrpipeError(f"{value}: {str(e).splitlines()[0] if str(e) else e}") from None
+
+
 def _filter_option(f):
     from pipeline.filters import available
 
@@ -444,8 +462,10 @@ def _int_list(ctx, param, value):
 @click.option("--config", type=click.Path(exists=True, dir_okay=False), callback=_load_config_file,
               is_eager=True, expose_value=False,
               help="TOML file with any of these options (keys as option names).")
-@click.option("--data", type=click.Path(file_okay=False, path_type=Path), default="shards",
-              show_default=True, help="Output of drpipe preprocess.")
+@click.option("--data", type=click.Path(file_okay=False), callback=_data_dir, metavar="DIR|URL",
+              default="shards", show_default=True,
+              help="Output of drpipe preprocess; a store URL (s3://...) is copied to the "
+                   "local cache first, each shard verified by size and SHA-256.")
 @click.option("--model", default="resnetv2-small", show_default=True,
               help="resnetv2-small, cnn-small, or a Keras Applications backbone (resnet50, "
                    "resnet50v2, ..., vgg16, mobilenetv2, inceptionv3, efficientnetb0-b7, "
@@ -532,7 +552,8 @@ def _echo_metrics(r: dict, run) -> None:
 
 @main.command()
 @click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--data", default=None, help="Shards directory [default: the run's].")
+@click.option("--data", default=None, callback=_data_dir,
+              help="Shards directory or store URL [default: the run's].")
 @click.option("--split", default="test", show_default=True)
 @click.option("--checkpoint", type=click.Choice(["final", "best"]), default="final",
               show_default=True, help="model.keras or the best-kappa checkpoint.")
@@ -657,7 +678,8 @@ def explain(run, images, out, class_index):
               help="vote: majority, ties to the best member; mean: validation-accuracy-"
                    "weighted average; weighted: per-grade F1-weighted average; stack: "
                    "logistic regression fitted on validation predictions.")
-@click.option("--data", default=None, help="Shards [default: the first run's].")
+@click.option("--data", default=None, callback=_data_dir,
+              help="Shards directory or store URL [default: the first run's].")
 @click.option("--split", default="test", show_default=True, help="Split to score.")
 @click.option("--val-split", default=None,
               help="Split the weights / stacker are fitted on [default: the run's val].")
@@ -735,8 +757,10 @@ def export(run, fmt, quantize, out, checkpoint, threads):
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.option("--data", type=click.Path(file_okay=False, path_type=Path), default="shards",
-              show_default=True, help="Output of drpipe preprocess.")
+@click.option("--data", type=click.Path(file_okay=False), callback=_data_dir, metavar="DIR|URL",
+              default="shards", show_default=True,
+              help="Output of drpipe preprocess; a store URL (s3://...) is copied to the "
+                   "local cache first, each shard verified by size and SHA-256.")
 @click.option("--lr", "lrs", default="1e-3,1e-4", show_default=True,
               help="Learning rates to try (comma-separated; '' = not a grid axis).")
 @click.option("--batch-size", "batch_sizes", default="16,32", show_default=True,
