@@ -112,6 +112,7 @@ def test_storage_options_stay_out_of_outputs(s3, raw_url, local_run, tmp_path):
     assert SECRET.encode() not in blob and SECRET not in r.stdout + r.stderr
 
 
+@pytest.mark.slow  # over 30 s on two shared cores
 def test_archive_parts_in_the_store(s3, sample_dir, tmp_path):
     """Kaggle's volumes in a bucket: the same bytes as the local extracted folder."""
     from tests.test_archive import make_zip, split_parts
@@ -129,6 +130,7 @@ def test_archive_parts_in_the_store(s3, sample_dir, tmp_path):
     assert len(digest(tmp_path / "local")) >= 4
 
 
+@pytest.mark.slow  # over 30 s on two shared cores
 def test_sigkill_mid_upload_then_rerun(s3, raw_url, local_run, tmp_path):
     url = "s3://bkt/out-kill"
     args = ["preprocess", "--quiet", "--src", raw_url, "--out", url, *SETTINGS[:4],
@@ -155,6 +157,7 @@ def test_sigkill_mid_upload_then_rerun(s3, raw_url, local_run, tmp_path):
     assert digest(final) == digest(ref)
 
 
+@pytest.mark.slow  # over 30 s on two shared cores
 def test_second_concurrent_run_refused_by_the_lease(s3, raw_url, tmp_path):
     url = "s3://bkt/out-lease"
     first = start("preprocess", "--quiet", "--src", raw_url, "--out", url, *SETTINGS)
@@ -242,6 +245,7 @@ def test_cluster_workers_see_only_the_store(s3, raw_url, local_run, tmp_path, da
     assert digest(out) == digest(local_run)
 
 
+@pytest.mark.slow  # over 30 s on two shared cores
 def test_archive_source_on_a_cluster_from_the_store(s3, sample_dir, tmp_path, dask_cluster):
     from tests.test_archive import make_zip, split_parts
 
