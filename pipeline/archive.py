@@ -32,6 +32,7 @@ import re
 import struct
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 
 from pipeline import storage
 from pipeline.process import Rejection
@@ -453,11 +454,6 @@ def detect_archive_source(src, kind=None, labels=None, id_col="image", label_col
         if not storage.is_url(src) and any(os.path.isdir(os.path.join(src, d))
                                            for d in ("train", "test")):
             return None
-    if labels is not None:
-        kind = "csv"
-    if kind not in (None, "kaggle", "csv"):
-        raise S.SourceError(f"{src}: archives hold the Kaggle layout (train/, test/) or any "
-                            "layout with --labels; --source " + kind + " needs a folder")
     groups = []  # (archive, origin, labels name, extra column)
     if single is not None:
         groups.append(([single], None, None, None))
@@ -469,11 +465,16 @@ def detect_archive_source(src, kind=None, labels=None, id_col="image", label_col
                 groups.append((parts, origin, label_name, extra))
         if not groups:
             return None
+    if labels is not None:
+        kind = "csv"
+    if kind not in (None, "kaggle", "csv"):
+        raise S.SourceError(f"{src}: archives hold the Kaggle layout (train/, test/) or any "
+                            f"layout with --labels; --source {kind} needs a folder")
     archives = [open_archive(parts, storage_options) for parts, *_ in groups]
     source = ArchiveSource(archives)
     if kind == "csv":
-        rows = S.read_labels(_local_labels(labels, storage_options), id_col, label_col,
-                             patient_col)
+        rows = read_labels_as(_local_labels(labels, storage_options), id_col, label_col,
+                              patient_col)
         files = {k: (v, "") for a in archives for k, v in _members_by_id(a, "").items()}
         return _with_archive(S._join(_root(src), "csv", files, rows), source)
     files, rows = {}, []
@@ -485,7 +486,7 @@ def detect_archive_source(src, kind=None, labels=None, id_col="image", label_col
             path = _find_labels(folder, listing, label_name_, a, storage_options)
             if path is None:
                 continue
-            rows += S.read_labels(path, "image", "level", extra_col=extra_, origin=o)
+            rows += read_labels_as(path, "image", "level", extra_col=extra_, origin=o)
             files.update({k: (v, o) for k, v in found.items()})
     if not rows:
         raise S.SourceError(f"{src}: archives without their labels (trainLabels.csv[.zip] "
@@ -495,8 +496,6 @@ def detect_archive_source(src, kind=None, labels=None, id_col="image", label_col
 
 
 def _root(src: str):
-    from pathlib import Path
-
     return src if storage.is_url(src) else Path(src)
 
 
@@ -540,7 +539,7 @@ def _find_labels(folder, listing, name, archive: Archive, storage_options):
         data = archive.batch([name]).read(name)
         if isinstance(data, Rejection):
             raise ArchiveError(f"{archive.name}: {name}: {data}")
-        return _temp_file(name, data)
+        return _temp_file(name, data, f"{archive.name}:{name}")
     return None
 
 
@@ -550,7 +549,7 @@ def _local_labels(path, storage_options):
     url = str(path)
     return _temp_file(url.rsplit("/", 1)[-1],
                       storage.read_range(url, 0, storage.size(url, storage_options),
-                                         storage_options))
+                                         storage_options), url)
 
 
 def _labels_from_zip(url: str, name: str, storage_options):
@@ -561,16 +560,37 @@ def _labels_from_zip(url: str, name: str, storage_options):
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as z:
             inner = [n for n in z.namelist() if n.rsplit("/", 1)[-1] == name] or z.namelist()
-            return _temp_file(name, z.read(inner[0]))
+            return _temp_file(name, z.read(inner[0]), f"{url}:{inner[0]}")
     except (zipfile.BadZipFile, IndexError, KeyError) as e:
         raise ArchiveError(f"{url}: not a zip holding {name} ({e})") from None
 
 
-def _temp_file(name: str, data: bytes):
-    import tempfile
-    from pathlib import Path
+class _Fetched(type(Path())):
+    """A labels file fetched to a temporary folder (removed at exit), and what to call it."""
 
-    d = Path(tempfile.mkdtemp(prefix="drpipe-labels-"))
-    p = d / name
+    shown: str = ""
+
+
+def _temp_file(name: str, data: bytes, shown: str | None = None):
+    import atexit
+    import shutil
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="drpipe-labels-")
+    atexit.register(shutil.rmtree, d, True)
+    p = _Fetched(d, name)
+    p.shown = shown or name
     p.write_bytes(data)
     return p
+
+
+def read_labels_as(path, *args, **kw):
+    """:func:`pipeline.sources.read_labels`; errors name the file as the user knows it (the
+    URL, ``trainLabels.csv.zip``), not the temporary copy."""
+    from pipeline.sources import LabelError, read_labels
+
+    try:
+        return read_labels(path, *args, **kw)
+    except LabelError as e:
+        shown = getattr(path, "shown", "")
+        raise (LabelError(str(e).replace(str(path), shown)) if shown else e) from None

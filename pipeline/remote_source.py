@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 
 from pipeline import storage
+from pipeline.archive import read_labels_as
 from pipeline.process import Rejection
 from pipeline.sources import GRADES, IMAGE_SUFFIXES, LabelError, SourceError
 
@@ -29,8 +30,6 @@ def detect_in_place(src, kind=None, labels=None, id_col="image", label_col="leve
     except PermissionError as e:
         raise JobError(f"{src}: access denied ({str(e).splitlines()[0][:200]}); check the "
                        "credentials (environment, profile or the instance's role)") from None
-    except (SourceError, LabelError):
-        raise
     except OSError as e:
         raise JobError(f"{src}: the store cannot be read ({str(e).splitlines()[0][:200]})"
                        ) from None
@@ -101,15 +100,15 @@ def detect_store_folder(src: str, kind=None, labels=None, id_col="image", label_
     files, rows = {}, []
     if kind == "kaggle":
         if "trainLabels.csv" in top:
-            rows += S.read_labels(labels_file("trainLabels.csv"), "image", "level",
+            rows += read_labels_as(labels_file("trainLabels.csv"), "image", "level",
                                   origin="train")
             files.update({k: (v, "train") for k, v in _scan(listing, "train/").items()})
         if "retinopathy_solution.csv" in top:
-            rows += S.read_labels(labels_file("retinopathy_solution.csv"), "image", "level",
+            rows += read_labels_as(labels_file("retinopathy_solution.csv"), "image", "level",
                                   extra_col="Usage", origin="test")
             files.update({k: (v, "test") for k, v in _scan(listing, "test/").items()})
     elif kind == "aptos":
-        rows = S.read_labels(labels_file("train.csv"), "id_code", "diagnosis", origin="train")
+        rows = read_labels_as(labels_file("train.csv"), "id_code", "diagnosis", origin="train")
         files = {k: (v, "train") for k, v in _scan(listing, "train_images/").items()}
     elif kind == "folders":
         for g in GRADES:
@@ -125,7 +124,7 @@ def detect_store_folder(src: str, kind=None, labels=None, id_col="image", label_
     elif kind == "csv":
         if labels is None:
             raise SourceError("--labels FILE is needed for a CSV source")
-        rows = S.read_labels(labels, id_col, label_col, patient_col)
+        rows = read_labels_as(labels, id_col, label_col, patient_col)
         files = {k: (v, "") for k, v in _scan(listing, "").items()}
     else:
         raise SourceError(f"unknown source kind {kind!r} (kaggle, aptos, folders, csv)")
@@ -172,4 +171,4 @@ def _fetch_labels(url: str):
         data = storage.read_all(url)
     except FileNotFoundError:
         raise LabelError(f"{url}: cannot read labels file (no such object)") from None
-    return _temp_file(url.rsplit("/", 1)[-1], data)
+    return _temp_file(url.rsplit("/", 1)[-1], data, url)

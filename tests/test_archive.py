@@ -257,6 +257,24 @@ def test_labels_zipped_beside_the_parts(parts, sample_dir):
     assert all(p.label is not None and p.origin == "train" for p in src.photos)
 
 
+def test_bad_label_in_zipped_labels_names_the_zip(parts, sample_dir):
+    from pipeline.sources import LabelError
+
+    folder = parts[0].parent
+    (folder / "trainLabels.csv").unlink()
+    with zipfile.ZipFile(folder / "trainLabels.csv.zip", "w") as z:
+        z.writestr("trainLabels.csv", "image,level\n15_left,1\n15_right,7\n")
+    with pytest.raises(LabelError) as e:
+        detect_source(folder)
+    assert str(e.value).startswith(f"{folder / 'trainLabels.csv.zip'}:trainLabels.csv: line 3")
+    assert "'7'" in str(e.value) and "drpipe-labels-" not in str(e.value)
+
+
+def test_other_layouts_beside_no_archive_unchanged(synth_dir):
+    assert detect_source(synth_dir).reader is None
+    assert detect_source(synth_dir, kind="kaggle").kind == "kaggle"
+
+
 # ---------------------------------------------------------------------------- end to end
 
 
