@@ -270,6 +270,31 @@ def test_bad_label_in_zipped_labels_names_the_zip(parts, sample_dir):
     assert "'7'" in str(e.value) and "drpipe-labels-" not in str(e.value)
 
 
+def test_train_and_test_volumes_with_their_labels(parts, sample_dir, tmp_path):
+    """Kaggle's test.zip.00N with retinopathy_solution.csv (its Usage column) beside the
+    train volumes; an extracted train/ beside them wins over the archives."""
+    folder = parts[0].parent
+    photos = sorted((sample_dir / "train").glob("*.jpeg"))[:6]
+    with zipfile.ZipFile(tmp_path / "test.zip", "w", zipfile.ZIP_DEFLATED) as z:
+        for i, p in enumerate(photos):
+            z.write(p, f"test/9{i}_left.jpeg")
+    subprocess.run(["split", "-b", "1500000", "-d", "-a", "3", "--numeric-suffixes=1",
+                    str(tmp_path / "test.zip"), str(folder / "test.zip.")], check=True)
+    assert len(list(folder.glob("test.zip.*"))) >= 3
+    (folder / "retinopathy_solution.csv").write_text(
+        "image,level,Usage\n" + "".join(f"9{i}_left,{i % 5},{'Public' if i < 3 else 'Private'}\n"
+                                         for i in range(6)))
+    src = detect_source(folder)
+    by_id = {p.image_id: p for p in src.photos}
+    assert len(by_id) == 37 and by_id["93_left"].origin == "test/Private"
+    assert by_id["90_left"].path == "test/90_left.jpeg" and by_id["15_left"].origin == "train"
+    assert src.reader.batch(["test/92_left.jpeg"]).read("test/92_left.jpeg") == \
+        photos[2].read_bytes()
+    (folder / "train").mkdir()
+    shutil.copy(photos[0], folder / "train" / "15_left.jpeg")
+    assert detect_source(folder).reader is None
+
+
 def test_other_layouts_beside_no_archive_unchanged(synth_dir):
     assert detect_source(synth_dir).reader is None
     assert detect_source(synth_dir, kind="kaggle").kind == "kaggle"
