@@ -463,7 +463,8 @@ def detect_archive_source(src, kind=None, labels=None, id_col="image", label_col
         for stem, origin, label_name, extra in KAGGLE_ARCHIVES:
             names = find_parts(list(listing), stem)
             if names:
-                parts = [Part(storage.join(folder, n), listing[n]) for n in names]
+                parts = [Part(storage.join(folder, n), listing[n] if storage.is_url(folder)
+                              else storage.size(storage.join(folder, n))) for n in names]
                 groups.append((parts, origin, label_name, extra))
         if not groups:
             return None
@@ -490,6 +491,11 @@ def detect_archive_source(src, kind=None, labels=None, id_col="image", label_col
                 continue
             rows += read_labels_as(path, "image", "level", extra_col=extra_, origin=o)
             files.update({k: (v, o) for k, v in found.items()})
+    nested = sorted(n for a in archives for n in a.members if PART_NAME.match(n.rsplit("/")[-1]))
+    if not rows and nested:
+        raise S.SourceError(f"{src}: an outer download holding Kaggle's volumes ({nested[0]}, "
+                            "...) compressed; unzip it first (unzip FILE 'train.zip.*' "
+                            "trainLabels.csv.zip) and give the folder as --src")
     if not rows:
         raise S.SourceError(f"{src}: archives without their labels (trainLabels.csv[.zip] "
                             "beside train.zip, retinopathy_solution.csv[.zip] beside "

@@ -49,7 +49,8 @@ def size(url: str, storage_options: dict | None = None) -> int:
 
 
 def listdir(url: str, storage_options: dict | None = None) -> dict[str, int]:
-    """{name: size} of the files directly in a folder (empty if it is no folder)."""
+    """{name: size} of the files directly in a folder (empty if it is no folder); a local
+    folder's sizes are 0 (no stat per file: a folder may hold 35,000 photos)."""
     if is_url(url):
         fs = filesystem(url, storage_options)
         try:
@@ -60,7 +61,7 @@ def listdir(url: str, storage_options: dict | None = None) -> dict[str, int]:
                 for e in entries if e.get("type") == "file"}
     try:
         with os.scandir(url) as it:
-            return {e.name: e.stat().st_size for e in it if e.is_file()}
+            return {e.name: 0 for e in it if e.is_file()}
     except (NotADirectoryError, FileNotFoundError):
         return {}
 

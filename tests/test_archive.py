@@ -295,6 +295,17 @@ def test_train_and_test_volumes_with_their_labels(parts, sample_dir, tmp_path):
     assert detect_source(folder).reader is None
 
 
+def test_kaggle_outer_download_is_explained(parts, tmp_path):
+    outer = tmp_path / "diabetic-retinopathy-detection.zip"
+    with zipfile.ZipFile(outer, "w", zipfile.ZIP_DEFLATED) as z:
+        for p in parts[:3]:
+            z.write(p, p.name)
+    from pipeline.sources import SourceError
+
+    with pytest.raises(SourceError, match="unzip it first"):
+        detect_source(outer)
+
+
 def test_other_layouts_beside_no_archive_unchanged(synth_dir):
     assert detect_source(synth_dir).reader is None
     assert detect_source(synth_dir, kind="kaggle").kind == "kaggle"
