@@ -209,12 +209,12 @@ def _run_to_store(config, opts, progress_factory, url: str) -> dict:
                                    "--overwrite to replace it, or choose another --out")
             if not same or opts.overwrite:
                 _clear(fs, url, names)
-        else:
-            foreign = sorted(n for n in names if not _ours(n))
+        else:  # without a state file nothing here is known to be drpipe's: even shards
+            foreign = sorted(n for n in names if n != LEASE)
             if foreign and not opts.overwrite:
                 raise job.JobError(f"{url} is not empty and not a drpipe output ({foreign[0]}, "
                                    "...); choose an empty --out")
-            _clear(fs, url, names)
+            _clear(fs, url, names)  # --overwrite: drpipe's names only
         fs.pipe_file(f"{url}/{job.STATE_FILE}", json.dumps(state, indent=2,
                                                            sort_keys=True).encode())
         local = cache_dir() / "out" / _url_key(url)
