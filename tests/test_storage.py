@@ -260,3 +260,12 @@ def test_archive_source_on_a_cluster_from_the_store(s3, sample_dir, tmp_path, da
                dask_cluster.address)
     got = download(s3, "s3://bkt/cout", tmp_path / "got")
     assert digest(got) == digest(tmp_path / "local")
+
+
+def test_foreign_objects_in_store_out_refused_and_kept(s3, raw_url):
+    s3.pipe_file("bkt/foreign/notes.txt", b"mine")
+    s3.pipe_file("bkt/foreign/train-00000-of-00001.tfrecord", b"not drpipe's")
+    r = preprocess("--src", raw_url, "--out", "s3://bkt/foreign", *SETTINGS, check=False)
+    assert r.returncode == 1 and "not empty and not a drpipe output" in r.stderr
+    assert objects(s3, "s3://bkt/foreign") == {"notes.txt": 4,
+                                                "train-00000-of-00001.tfrecord": 12}
