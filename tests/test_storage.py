@@ -269,3 +269,10 @@ def test_foreign_objects_in_store_out_refused_and_kept(s3, raw_url):
     assert r.returncode == 1 and "not empty and not a drpipe output" in r.stderr
     assert objects(s3, "s3://bkt/foreign") == {"notes.txt": 4,
                                                 "train-00000-of-00001.tfrecord": 12}
+
+
+def test_train_data_url_is_staged_or_refused_in_one_line(s3):
+    r = subprocess.run([DRPIPE, "train", "--data", "s3://bkt/nothing-here"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1
+    assert "s3://bkt/nothing-here: no finished drpipe output here" in r.stderr
