@@ -845,8 +845,9 @@ def tune(data, lrs, batch_sizes, grids, out, train_args):
 
 
 @main.command()
-@click.option("--data", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Shards (output of drpipe preprocess) [default: the first run's, else "
+@click.option("--data", type=click.Path(file_okay=False), callback=_data_dir, default=None,
+              help="Shards (output of drpipe preprocess; a store URL is copied to the local "
+                   "cache first) [default: the first run's, else "
                    "./shards].")
 @click.option("--run", "runs", multiple=True,
               type=click.Path(exists=True, file_okay=False, path_type=Path),

@@ -276,3 +276,13 @@ def test_train_data_url_is_staged_or_refused_in_one_line(s3):
                        text=True, timeout=120)
     assert r.returncode == 1 and r.stderr.count("\n") == 1
     assert "s3://bkt/nothing-here: no finished drpipe output here" in r.stderr
+
+
+def test_report_on_a_store_output(s3, raw_url, tmp_path):
+    url = "s3://bkt/out1"
+    if "dataset_info.json" not in objects(s3, url):
+        preprocess("--src", raw_url, "--out", url, *SETTINGS)
+    r = subprocess.run([DRPIPE, "report", "--data", url, "--out", str(tmp_path / "r.html")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "r.html").stat().st_size > 10_000
