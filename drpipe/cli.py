@@ -3,7 +3,7 @@
 Exit codes (documented in README.md):
   0  the command completed (rejected photos are listed, not failures)
   1  the run failed: a one-line reason on stderr
-  2  usage error: a bad option, a missing input
+  2  usage error: a bad option, a missing input, the training stack not installed
   3  bad input data: a labels file or source layout that cannot be used as it is
 """
 
@@ -61,6 +61,47 @@ def _load_config_file(ctx, param, value):
         defaults[name] = v
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
+
+
+def _local_file_or_url(ctx, param, value):
+    """A local file that must exist, or a store URL (checked when read)."""
+    if value is None or "://" in value:
+        return value
+    if not Path(value).is_file():
+        raise click.BadParameter(f"{value}: no such file", ctx, param)
+    return value
+
+
+def _storage_options(ctx, param, values) -> dict:
+    """KEY=VALUE pairs; a value that parses as JSON (true, 5, {...}) is taken as such."""
+    out = {}
+    for v in values:
+        key, sep, raw = v.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{v!r}: expected KEY=VALUE", ctx, param)
+        try:
+            out[key] = json.loads(raw)
+        except ValueError:
+            out[key] = raw
+    return out
+
+
+def _data_dir(ctx, param, value):
+    """--data: a local folder as a Path; a store URL staged to the local cache first
+    (TensorFlow has no s3:// filesystem)."""
+    if value is None:
+        return None
+    if "://" not in str(value):
+        return Path(value)
+    from pipeline.job import JobError
+    from pipeline.remote_out import stage_shards
+
+    try:
+        return stage_shards(str(value))
+    except JobError as e:
+        raise DrpipeError(str(e)) from None
+    except OSError as e:
+        raise DrpipeError(f"{value}: {str(e).splitlines()[0] if str(e) else e}") from None
 
 
 def _filter_option(f):
@@ -128,6 +169,28 @@ def main():
     Exit codes: 0 done (rejected photos are listed, not failures), 1 the run failed,
     2 usage error, 3 bad input data (labels, source layout).
     """
+    _need_training_stack(click.get_current_context().invoked_subcommand)
+
+
+# Commands of the drpipe[train] extra (TensorFlow): without it they say what to install.
+TRAIN_COMMANDS = {"train", "evaluate", "predict", "explain", "ensemble", "export", "tune"}
+
+
+def _need_training_stack(command: str | None) -> None:
+    """Before any work: one line and exit 2 if ``command`` needs TensorFlow and it is not
+    installed (``pip install 'drpipe[train]'``)."""
+    import importlib.util
+
+    if command not in TRAIN_COMMANDS or {"-h", "--help"} & set(sys.argv):
+        return
+    try:
+        found = importlib.util.find_spec("tensorflow") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        click.echo(f"drpipe: error: drpipe {command} needs the training stack (TensorFlow "
+                   "is not installed): pip install 'drpipe[train]'", err=True)
+        sys.exit(2)
 
 
 @main.command()
@@ -212,12 +275,17 @@ def preview(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_megap
 @click.option("--config", type=click.Path(exists=True, dir_okay=False), callback=_load_config_file,
               is_eager=True, expose_value=False,
               help="TOML file with any of these options (keys as option names).")
-@click.option("--src", type=click.Path(path_type=Path), default="raw", show_default=True,
+@click.option("--src", type=click.Path(), metavar="PATH|URL", default="raw", show_default=True,
               help="Source directory: Kaggle (train/ + trainLabels.csv, test/ + "
                    "retinopathy_solution.csv), APTOS (train.csv + train_images/), folders "
-                   "0/..4/, or any folder with --labels.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default="shards",
-              show_default=True, help="Output directory for shards, manifest, dataset_info.json.")
+                   "0/..4/, or any folder with --labels; Kaggle's archive volumes "
+                   "(train.zip.001... and test.zip.001..., labels beside them as .csv or "
+                   ".csv.zip) or one .zip, read in place; or any of these in an object store "
+                   "(s3://bucket/raw, gs://...).")
+@click.option("--out", type=click.Path(file_okay=False), metavar="PATH|URL", default="shards",
+              show_default=True, help="Output directory for shards, manifest, "
+                                      "dataset_info.json; or a store URL (s3://bucket/shards): "
+                                      "staged on this disk, each shard uploaded whole.")
 @_process_options
 @click.option("--format", "fmt", type=click.Choice(["jpeg", "png"]), default="jpeg",
               show_default=True, help="Encoding of the processed photos in the records.")
@@ -231,11 +299,17 @@ def preview(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_megap
               help="Worker processes of the local Dask cluster [default: all cores].")
 @click.option("--scheduler", default=None, metavar="ADDRESS",
               help="Join an existing Dask cluster (e.g. tcp://10.0.0.5:8786) instead of "
-                   "starting a local one; workers must see --src.")
+                   "starting a local one; workers must see --src, or reach its store when "
+                   "it is a URL.")
 @click.option("--source", "source_kind", type=click.Choice(["kaggle", "aptos", "folders", "csv"]),
               default=None, help="Source layout [default: detected].")
-@click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              default=None, help="Labels CSV for any layout (photos matched by file name).")
+@click.option("--labels", callback=_local_file_or_url, metavar="FILE|URL", default=None,
+              help="Labels CSV for any layout (photos matched by file name).")
+@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
+              callback=_storage_options,
+              help="An fsspec option for URLs (e.g. endpoint_url=http://minio:9000, "
+                   "anon=true); repeatable. Credentials come from the environment or the "
+                   "instance's role and are never stored.")
 @click.option("--id-col", default="image", show_default=True, help="--labels: image id column.")
 @click.option("--label-col", default="level", show_default=True,
               help="--labels: grade (0-4) column.")
@@ -252,7 +326,7 @@ def preview(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_megap
 def preprocess(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_megapixels,
                min_side, fmt, split_spec, seed, shard_size, workers, scheduler, source_kind,
                labels, id_col, label_col, patient_col, limit, strict, overwrite, quiet,
-               summary_json):
+               summary_json, storage_options):
     """Verify, crop, resize and filter every photo in parallel on Dask, split patients
     safely, and write sharded TFRecords with a manifest that accounts for every photo.
 
@@ -264,10 +338,16 @@ def preprocess(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_me
     """
     from tqdm import tqdm
 
+    from pipeline import storage
     from pipeline.job import JobConfig, JobError, RunOptions
     from pipeline.job import run as run_job
+    from pipeline.remote_out import run_to_store
     from pipeline.sources import LabelError, SourceError
     from pipeline.split import parse_split_spec
+
+    storage.configure(storage_options)
+    if storage.is_url(out):
+        run_job = run_to_store  # noqa: F811 - staged here, uploaded shard by shard
 
     try:
         ratios = parse_split_spec(split_spec)
@@ -297,10 +377,10 @@ def preprocess(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_me
         _print_summary(summary, out)
     if strict and summary["rejected"]:
         raise DrpipeError(f"--strict: {summary['rejected']} photo(s) rejected "
-                          f"(reasons in {out / 'data_manifest.csv'})")
+                          f"(reasons in {out}/data_manifest.csv)")
 
 
-def _print_summary(s: dict, out: Path) -> None:
+def _print_summary(s: dict, out) -> None:
     if s.get("already_complete"):
         click.echo(f"{out}: already complete ({s['ok']} photos in "
                    f"{sum(s['shards'].values())} shards); nothing to do")
@@ -314,7 +394,7 @@ def _print_summary(s: dict, out: Path) -> None:
                    + " / ".join(map(str, grades)))
     if s["rejected"]:
         reasons = ", ".join(f"{k} {v}" for k, v in s["rejected_by_reason"].items())
-        click.echo(f"  rejected {s['rejected']}: {reasons} (see {out / 'data_manifest.csv'})")
+        click.echo(f"  rejected {s['rejected']}: {reasons} (see {out}/data_manifest.csv)")
     if s["labels_without_photo"]:
         click.echo(f"  labels without a photo: {s['labels_without_photo']}")
     if s["duplicates"]:
@@ -385,8 +465,10 @@ def _int_list(ctx, param, value):
 @click.option("--config", type=click.Path(exists=True, dir_okay=False), callback=_load_config_file,
               is_eager=True, expose_value=False,
               help="TOML file with any of these options (keys as option names).")
-@click.option("--data", type=click.Path(file_okay=False, path_type=Path), default="shards",
-              show_default=True, help="Output of drpipe preprocess.")
+@click.option("--data", type=click.Path(file_okay=False), callback=_data_dir, metavar="DIR|URL",
+              default="shards", show_default=True,
+              help="Output of drpipe preprocess; a store URL (s3://...) is copied to the "
+                   "local cache first, each shard verified by size and SHA-256.")
 @click.option("--model", default="resnetv2-small", show_default=True,
               help="resnetv2-small, cnn-small, or a Keras Applications backbone (resnet50, "
                    "resnet50v2, ..., vgg16, mobilenetv2, inceptionv3, efficientnetb0-b7, "
@@ -473,7 +555,8 @@ def _echo_metrics(r: dict, run) -> None:
 
 @main.command()
 @click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--data", default=None, help="Shards directory [default: the run's].")
+@click.option("--data", default=None, callback=_data_dir,
+              help="Shards directory or store URL [default: the run's].")
 @click.option("--split", default="test", show_default=True)
 @click.option("--checkpoint", type=click.Choice(["final", "best"]), default="final",
               show_default=True, help="model.keras or the best-kappa checkpoint.")
@@ -598,7 +681,8 @@ def explain(run, images, out, class_index):
               help="vote: majority, ties to the best member; mean: validation-accuracy-"
                    "weighted average; weighted: per-grade F1-weighted average; stack: "
                    "logistic regression fitted on validation predictions.")
-@click.option("--data", default=None, help="Shards [default: the first run's].")
+@click.option("--data", default=None, callback=_data_dir,
+              help="Shards directory or store URL [default: the first run's].")
 @click.option("--split", default="test", show_default=True, help="Split to score.")
 @click.option("--val-split", default=None,
               help="Split the weights / stacker are fitted on [default: the run's val].")
@@ -676,8 +760,10 @@ def export(run, fmt, quantize, out, checkpoint, threads):
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.option("--data", type=click.Path(file_okay=False, path_type=Path), default="shards",
-              show_default=True, help="Output of drpipe preprocess.")
+@click.option("--data", type=click.Path(file_okay=False), callback=_data_dir, metavar="DIR|URL",
+              default="shards", show_default=True,
+              help="Output of drpipe preprocess; a store URL (s3://...) is copied to the "
+                   "local cache first, each shard verified by size and SHA-256.")
 @click.option("--lr", "lrs", default="1e-3,1e-4", show_default=True,
               help="Learning rates to try (comma-separated; '' = not a grid axis).")
 @click.option("--batch-size", "batch_sizes", default="16,32", show_default=True,
@@ -762,8 +848,9 @@ def tune(data, lrs, batch_sizes, grids, out, train_args):
 
 
 @main.command()
-@click.option("--data", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Shards (output of drpipe preprocess) [default: the first run's, else "
+@click.option("--data", type=click.Path(file_okay=False), callback=_data_dir, default=None,
+              help="Shards (output of drpipe preprocess; a store URL is copied to the local "
+                   "cache first) [default: the first run's, else "
                    "./shards].")
 @click.option("--run", "runs", multiple=True,
               type=click.Path(exists=True, file_okay=False, path_type=Path),
@@ -793,6 +880,10 @@ def report(data, runs, out, examples):
                + (f" and {len(runs)} run(s)" if runs else ""))
 
 
+# Modules of the drpipe[train] extra: a command that needs one says what to install (exit 2).
+TRAIN_MODULES = {"tensorflow", "keras", "tensorboard", "ai_edge_litert", "tf_keras"}
+
+
 def run() -> None:
     """Entry point with a last-resort guard: a bug prints one line, not a traceback
     (DRPIPE_DEBUG=1 shows it)."""
@@ -803,6 +894,11 @@ def run() -> None:
     except Exception as e:  # noqa: BLE001
         if os.environ.get("DRPIPE_DEBUG"):
             raise
+        if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] in TRAIN_MODULES:
+            command = next((a for a in sys.argv[1:] if not a.startswith("-")), "this command")
+            click.echo(f"drpipe: error: drpipe {command} needs the training stack (no module "
+                       f"{e.name!r}): pip install 'drpipe[train]'", err=True)
+            sys.exit(2)
         click.echo(f"drpipe: internal error: {type(e).__name__}: {e} "
                    "(set DRPIPE_DEBUG=1 for the traceback)", err=True)
         sys.exit(1)

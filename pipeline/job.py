@@ -86,14 +86,19 @@ class JobConfig:
     def output_config(self) -> dict:
         """The configuration as stored with the data (paths made absolute)."""
         d = dataclasses.asdict(self)
-        d["src"] = str(Path(self.src).resolve())
-        d["labels"] = str(Path(self.labels).resolve()) if self.labels else None
+        d["src"] = _absolute(self.src)
+        d["labels"] = _absolute(self.labels) if self.labels else None
         del d["out"]
         return d
 
     def hash(self) -> str:
         blob = json.dumps(self.output_config(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _absolute(path: str) -> str:
+    """A local path made absolute; a URL (s3://, gs://) as it is."""
+    return path if "://" in str(path) else str(Path(path).resolve())
 
 
 @dataclass
@@ -123,7 +128,8 @@ def process_batch(root: str, items: list[dict], config: ProcessConfig) -> dict:
         row = dict(it, status="ok", reason="", sha256="", bytes=None, width=None,
                    height=None, retina_cx=None, retina_cy=None, retina_r=None)
         record = None
-        data = read_photo(Path(root, it["path"]))
+        data = (root.read(it["path"]) if hasattr(root, "read")  # an archive member
+                else read_photo(Path(root, it["path"])))
         if isinstance(data, Rejection):
             result = data
         else:
@@ -182,8 +188,9 @@ class _Lock:
 def _input_fingerprint(source: Source, photos) -> str:
     h = hashlib.sha256()
     for p in photos:
-        try:
-            size = os.stat(source.root / p.path).st_size
+        try:  # archive members, objects in a store: from the index, no stat per photo
+            size = (source.reader.fingerprint(p.path) if source.reader is not None
+                    else os.stat(source.root / p.path).st_size)
         except OSError:
             size = -1
         h.update(f"{p.image_id}\t{p.path}\t{p.label}\t{size}\n".encode())
@@ -299,8 +306,8 @@ def _run(config: JobConfig, opts: RunOptions, progress_factory) -> dict:
     if not os.access(out, os.W_OK):
         raise JobError(f"{out} is not writable")
     with _Lock(out):
-        source = detect_source(Path(config.src), config.source_kind,
-                               Path(config.labels) if config.labels else None,
+        source = detect_source(config.src, config.source_kind,  # a path or a URL
+                               config.labels or None,
                                config.id_col, config.label_col, config.patient_col)
         photos = source.photos[:config.limit] if config.limit else source.photos
         missing = [] if config.limit else source.labels_without_photo
@@ -326,7 +333,7 @@ def _run(config: JobConfig, opts: RunOptions, progress_factory) -> dict:
         done_photos = sum(len(batches[k]) for k in range(len(batches)) if k not in set(todo))
         t_process = time.time()
         if todo:
-            _process_batches(batches, todo, source.root, config, opts, staging,
+            _process_batches(batches, todo, source.reader or source.root, config, opts, staging,
                              progress_factory, done_photos, len(photos))
         t_shards = time.time()
 
@@ -384,7 +391,8 @@ def _process_batches(batches, todo, root, config, opts, staging, progress_factor
             k = next(pending, None)
             if k is None:
                 return
-            f = client.submit(process_batch, str(root), batches[k], config.process,
+            f = client.submit(process_batch, _task_root(root, batches[k]), batches[k],
+                              config.process,
                               key=f"drpipe-batch-{key}-{k}", retries=2, pure=False)
             futures[f] = k
             ac.add(f)
@@ -410,6 +418,11 @@ def _process_batches(batches, todo, root, config, opts, staging, progress_factor
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+def _task_root(root, batch):
+    """A folder's path, or the directory entries of this batch's archive members."""
+    return root.batch([it["path"] for it in batch]) if hasattr(root, "batch") else str(root)
 
 
 def _flag_duplicates(rows: list[dict]) -> None:

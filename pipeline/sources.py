@@ -65,6 +65,7 @@ class Source:
     root: Path
     photos: list[ImageRecord]
     labels_without_photo: list[LabelRow] = field(default_factory=list)
+    reader: object | None = None  # photos read in place: archive members, objects in a store
 
 
 def patient_and_eye(image_id: str) -> tuple[str, str]:
@@ -209,6 +210,11 @@ def detect_source(src: Path, kind: str | None = None, labels: Path | None = None
                   id_col: str = "image", label_col: str = "level",
                   patient_col: str | None = None) -> Source:
     """Find photos and labels under ``src``. ``labels`` given means kind ``csv``."""
+    from pipeline.remote_source import detect_in_place  # archives, object stores
+
+    found = detect_in_place(src, kind, labels, id_col, label_col, patient_col)
+    if found is not None:
+        return found
     src = Path(src)
     if not src.is_dir():
         raise SourceError(f"{src}: no such directory")

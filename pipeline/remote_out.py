@@ -1,0 +1,357 @@
+"""``--out`` in an object store (``s3://bucket/shards``), and shards staged back from one.
+
+    run_to_store(config, opts) -> summary     # drpipe preprocess --out s3://...
+    stage_shards("s3://bucket/shards") -> Path  # drpipe train --data s3://...
+
+A run into a store is a local run into a staging folder on the client's disk (resumable
+as any run: ``$DRPIPE_CACHE``, default ``~/.cache/drpipe``, ``out/<hash of the URL>/``),
+then an upload:
+
+1. A lease object ``.drpipe.lease`` replaces the ``flock``: created with a conditional write
+   (``If-None-Match: *``, fsspec's ``open(p, "xb")``), holding host, pid and expiry,
+   renewed while the run lives and taken over only when expired (or when its holder is a
+   dead process on this host). A second run is refused, naming the holder.
+2. The store's ``.drpipe-state.json`` is compared with this run as a local ``--out`` is:
+   the same -> resume (or nothing to do when ``dataset_info.json`` is there), different ->
+   refused unless ``--overwrite``. Objects drpipe did not write are never removed.
+3. Each shard is uploaded whole (``put_file``: one PUT, or a multipart upload completed only
+   at the end; never ``with fs.open(p, "wb")``, which commits a partial object when an
+   exception interrupts it), so no object under a final name is partial after an error or
+   a kill. A shard already in the store with the planned size is this plan's (same
+   configuration and inputs give the same bytes) and is not sent again. Then
+   ``SHA256SUMS`` (of the shards), the manifest and, last, ``dataset_info.json``: the
+   completion marker.
+
+TensorFlow reads ``gs://`` but has no ``s3://`` filesystem, so ``drpipe train`` and the other
+training commands copy shards from a store URL to ``$DRPIPE_CACHE/data/<hash>/`` first,
+each verified by size and SHA-256 (``SHA256SUMS``), and read them from there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from pipeline import storage
+
+LEASE = ".drpipe.lease"
+SUMS = "SHA256SUMS"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DRPIPE_CACHE") or Path.home() / ".cache" / "drpipe")
+
+
+def lease_ttl() -> float:
+    return float(os.environ.get("DRPIPE_LEASE_TTL", "300"))
+
+
+def _url_key(url: str) -> str:
+    return hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
+
+
+def _job_error(msg: str):
+    from pipeline.job import JobError
+
+    return JobError(msg)
+
+
+def check_store(fs, url: str) -> None:
+    """One line for a bucket that is not there or credentials that are refused."""
+    bucket = fs._strip_protocol(url).split("/", 1)[0]
+    try:
+        fs.ls(bucket, refresh=True)
+    except FileNotFoundError:
+        raise _job_error(f"{url}: no such bucket {bucket!r}") from None
+    except PermissionError as e:
+        raise _job_error(f"{url}: access denied ({_short(e)}); check the credentials "
+                         "(environment, profile or the instance's role)") from None
+    except OSError as e:
+        raise _job_error(f"{url}: the store cannot be used ({_short(e)})") from None
+
+
+def _short(e: BaseException) -> str:
+    return str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+
+
+# ---------------------------------------------------------------------------- the lease
+
+
+class Lease:
+    """An object that says who writes to ``--out``: created only if absent, renewed every
+    third of its time to live, deleted at the end."""
+
+    def __init__(self, fs, path: str, ttl: float | None = None):
+        self.fs, self.path = fs, path
+        self.ttl = lease_ttl() if ttl is None else ttl
+        self.token = uuid.uuid4().hex
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = None
+
+    def _body(self) -> bytes:
+        return json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                           "expires": time.time() + self.ttl, "token": self.token}).encode()
+
+    def _create(self) -> bool:
+        try:
+            with self.fs.open(self.path, "xb") as f:
+                f.write(self._body())
+            return True
+        except FileExistsError:
+            return False
+
+    def _holder(self) -> dict | None:
+        try:
+            return json.loads(self.fs.cat_file(self.path))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return {}
+
+    def __enter__(self):
+        if not self._create():
+            holder = self._holder()
+            if holder is None or _stale(holder):
+                self.fs.rm(self.path)
+                if not self._create():
+                    holder = self._holder() or {}
+                    raise _job_error(_held_message(self.path, holder))
+            else:
+                raise _job_error(_held_message(self.path, holder))
+        self._thread = threading.Thread(target=self._renew, daemon=True)
+        self._thread.start()
+        return self
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            holder = self._holder()
+            if not holder or holder.get("token") != self.token:
+                self.lost = True
+                return
+            self.fs.pipe_file(self.path, self._body())
+
+    def check(self) -> None:
+        if self.lost:
+            raise _job_error(f"lost the lease {self.path} to another run; nothing more is "
+                             "written, re-run to resume")
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+        holder = self._holder()
+        if holder and holder.get("token") == self.token:
+            self.fs.rm(self.path)
+
+
+def _stale(holder: dict) -> bool:
+    if holder.get("expires", 0) < time.time():
+        return True
+    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
+        try:
+            os.kill(holder["pid"], 0)
+        except ProcessLookupError:
+            return True  # its process is gone: a kill left it behind
+        except PermissionError:
+            return False
+    return False
+
+
+def _held_message(path: str, holder: dict) -> str:
+    until = time.strftime("%H:%M:%S", time.localtime(holder.get("expires", 0)))
+    return (f"another drpipe run is writing to {path.rsplit('/', 1)[0]} (host "
+            f"{holder.get('host', '?')}, pid {holder.get('pid', '?')}, lease until {until}); "
+            "wait for it or choose another --out")
+
+
+# ---------------------------------------------------------------------------- preprocess
+
+
+def run_to_store(config, opts, progress_factory=None) -> dict:
+    url = config.out.rstrip("/")
+    try:
+        return _run_to_store(config, opts, progress_factory, url)
+    except PermissionError as e:
+        raise _job_error(f"{url}: access denied ({_short(e)}); check the credentials") from None
+    except OSError as e:
+        raise _job_error(f"{url}: {_short(e)}; what was uploaded is kept, re-run to "
+                         "resume") from None
+
+
+def _run_to_store(config, opts, progress_factory, url: str) -> dict:
+    from pipeline import job
+
+    fs = storage.filesystem(url)
+    check_store(fs, url)
+    with Lease(fs, f"{url}/{LEASE}") as lease:
+        state = _expected_state(config)
+        names = _objects(fs, url)
+        old = _read_json(fs, f"{url}/{job.STATE_FILE}") if job.STATE_FILE in names else None
+        if old is not None:
+            same = (old.get("config_hash") == state["config_hash"]
+                    and old.get("input_hash") == state["input_hash"])
+            if same and not opts.overwrite and job.INFO_FILE in names:
+                info = _read_json(fs, f"{url}/{job.INFO_FILE}")
+                return dict(info["summary"], already_complete=True)
+            if not same and not opts.overwrite:
+                what = ("configuration" if old.get("config_hash") != state["config_hash"]
+                        else "input photos or labels")
+                raise job.JobError(f"{url} holds a run with a different {what}; use "
+                                   "--overwrite to replace it, or choose another --out")
+            if not same or opts.overwrite:
+                _clear(fs, url, names)
+        else:  # without a state file nothing here is known to be drpipe's: even shards
+            foreign = sorted(n for n in names if n != LEASE)
+            if foreign and not opts.overwrite:
+                raise job.JobError(f"{url} is not empty and not a drpipe output ({foreign[0]}, "
+                                   "...); choose an empty --out")
+            _clear(fs, url, names)  # --overwrite: drpipe's names only
+        fs.pipe_file(f"{url}/{job.STATE_FILE}", json.dumps(state, indent=2,
+                                                           sort_keys=True).encode())
+        local = cache_dir() / "out" / _url_key(url)
+        if opts.overwrite:
+            shutil.rmtree(local, ignore_errors=True)
+        _reuse_or_clear(local, state)
+        local.mkdir(parents=True, exist_ok=True)
+        summary = job.run(dataclasses.replace(config, out=str(local)),
+                          dataclasses.replace(opts, overwrite=False), progress_factory)
+        summary.pop("already_complete", None)
+        lease.check()
+        _upload(fs, local, url, lease)
+    shutil.rmtree(local, ignore_errors=True)
+    return summary
+
+
+def _expected_state(config) -> dict:
+    from pipeline import job
+    from pipeline.sources import detect_source
+
+    source = detect_source(config.src, config.source_kind, config.labels, config.id_col,
+                           config.label_col, config.patient_col)
+    photos = source.photos[:config.limit] if config.limit else source.photos
+    return {"config_hash": config.hash(), "input_hash": job._input_fingerprint(source, photos),
+            "drpipe_version": job._version()}
+
+
+def _reuse_or_clear(local: Path, state: dict) -> None:
+    """The staging folder is drpipe's own cache: one of another run is cleared."""
+    from pipeline import job
+
+    p = local / job.STATE_FILE
+    if not p.exists():
+        return
+    try:
+        old = json.loads(p.read_text())
+    except (OSError, ValueError):
+        old = {}
+    if (old.get("config_hash"), old.get("input_hash")) != (state["config_hash"],
+                                                           state["input_hash"]):
+        shutil.rmtree(local)
+
+
+def _ours(name: str) -> bool:
+    from pipeline import job
+
+    return name in job.OWN_FILES or name in (LEASE, SUMS) or name.endswith(".tfrecord")
+
+
+def _objects(fs, url: str) -> dict[str, int]:
+    fs.invalidate_cache()
+    try:
+        entries = fs.ls(url, detail=True, refresh=True)
+    except FileNotFoundError:
+        return {}
+    return {e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0)
+            for e in entries if e.get("type") == "file"}
+
+
+def _read_json(fs, path: str) -> dict:
+    try:
+        return json.loads(fs.cat_file(path))
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def _clear(fs, url: str, names) -> None:
+    """Remove drpipe's own objects (a replaced run); never anything else."""
+    for n in names:
+        if _ours(n) and n != LEASE:
+            fs.rm(f"{url}/{n}")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _upload(fs, local: Path, url: str, lease: Lease) -> None:
+    from pipeline import job
+
+    shards = sorted(local.glob("*.tfrecord"))
+    remote = _objects(fs, url)
+    for p in shards:
+        if remote.get(p.name) != p.stat().st_size:
+            lease.check()
+            fs.put_file(str(p), f"{url}/{p.name}")  # whole, or not at all
+    planned = {p.name for p in shards}
+    for n in remote:
+        if n.endswith(".tfrecord") and n not in planned:
+            fs.rm(f"{url}/{n}")  # a shard of this output's earlier, interrupted plan
+    sums = "".join(f"{_sha256(p)}  {p.name}\n" for p in shards)
+    fs.pipe_file(f"{url}/{SUMS}", sums.encode())
+    for name in ("data_manifest.csv", "manifest.parquet"):
+        fs.put_file(str(local / name), f"{url}/{name}")
+    lease.check()
+    fs.put_file(str(local / job.INFO_FILE), f"{url}/{job.INFO_FILE}")  # the marker, last
+
+
+# ---------------------------------------------------------------------------- train
+
+
+def stage_shards(url: str) -> Path:
+    """Copy a finished output from a store to the local cache, each shard verified by size
+    and SHA-256; shards already there and sound are kept. Returns the local folder."""
+    url = url.rstrip("/")
+    fs = storage.filesystem(url)
+    check_store(fs, url)
+    names = _objects(fs, url)
+    if "dataset_info.json" not in names:
+        raise _job_error(f"{url}: no finished drpipe output here (no dataset_info.json)")
+    if SUMS not in names:
+        raise _job_error(f"{url}: no {SUMS} (written by drpipe preprocess --out URL); "
+                         "cannot verify the shards")
+    local = cache_dir() / "data" / _url_key(url)
+    local.mkdir(parents=True, exist_ok=True)
+    sums = {}
+    for line in fs.cat_file(f"{url}/{SUMS}").decode().splitlines():
+        digest, name = line.split(None, 1)
+        sums[name.strip()] = digest
+    for name, digest in sorted(sums.items()):
+        p = local / name
+        if p.exists() and p.stat().st_size == names.get(name) and _sha256(p) == digest:
+            continue
+        tmp = p.with_name(p.name + f".{os.getpid()}.tmp")
+        fs.get_file(f"{url}/{name}", str(tmp))
+        if tmp.stat().st_size != names.get(name) or _sha256(tmp) != digest:
+            tmp.unlink()
+            raise _job_error(f"{url}/{name}: the downloaded shard does not match its size "
+                             f"and {SUMS} entry; re-run to fetch it again")
+        os.replace(tmp, p)
+    for name in ("dataset_info.json", "data_manifest.csv", "manifest.parquet"):
+        if name in names:
+            tmp = local / f"{name}.{os.getpid()}.tmp"
+            fs.get_file(f"{url}/{name}", str(tmp))
+            os.replace(tmp, local / name)
+    return local

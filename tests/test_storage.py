@@ -1,0 +1,288 @@
+"""Object storage against a real S3 API on 127.0.0.1 (moto's ThreadedMotoServer): sources,
+outputs, the lease, kills mid-upload, errors, staging for training, a cluster whose workers
+see only the store."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.reliability.helpers import kill_when, start
+from tests.test_cli import DRPIPE
+from tests.test_preprocess import digest, preprocess
+
+moto_server = pytest.importorskip("moto.server")
+s3fs = pytest.importorskip("s3fs")
+
+SECRET = "drpipe-test-secret-6b1f0c"  # must never appear in an output, a log or a message
+SETTINGS = ("--workers", 2, "--size", 128, "--shard-size", 0.2)
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A real S3 API server; the environment points every process at it (subprocesses and
+    Dask workers inherit it)."""
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
+           "DRPIPE_CACHE": str(tmp_path_factory.mktemp("cache"))}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.mkdir("bkt")
+    try:
+        yield fs
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
+
+
+def download(fs, url: str, to: Path) -> Path:
+    to.mkdir(parents=True, exist_ok=True)
+    fs.invalidate_cache()
+    for key in fs.ls(url.removeprefix("s3://")):
+        name = key.rsplit("/", 1)[-1]
+        if fs.isfile(key):
+            (to / name).write_bytes(fs.cat_file(key))
+    return to
+
+
+def objects(fs, url: str) -> dict[str, int]:
+    fs.invalidate_cache()
+    try:
+        return {e["name"].rsplit("/", 1)[-1]: e["size"]
+                for e in fs.ls(url.removeprefix("s3://"), detail=True)}
+    except FileNotFoundError:
+        return {}
+
+
+@pytest.fixture(scope="module")
+def local_run(synth_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("local-run")
+    preprocess("--src", synth_dir, "--out", out, *SETTINGS)
+    return out
+
+
+@pytest.fixture(scope="module")
+def raw_url(s3, synth_dir) -> str:
+    s3.put(str(synth_dir) + "/", "bkt/raw/", recursive=True)
+    return "s3://bkt/raw"
+
+
+def test_store_to_store_equals_the_local_run(s3, raw_url, local_run, tmp_path):
+    r = preprocess("--src", raw_url, "--out", "s3://bkt/out1", *SETTINGS)
+    got = download(s3, "s3://bkt/out1", tmp_path / "got")
+    assert digest(got) == digest(local_run) and len(digest(got)) >= 5
+    names = objects(s3, "s3://bkt/out1")
+    assert "dataset_info.json" in names and "SHA256SUMS" in names and ".drpipe.lease" not in names
+    info = json.loads((got / "dataset_info.json").read_text())
+    assert info["config"]["src"] == raw_url
+    everything = r.stdout + r.stderr + "".join(
+        p.read_bytes().decode("latin-1") for p in got.iterdir())
+    assert SECRET not in everything and "testing" not in json.dumps(info["config"])
+    # a re-run: nothing to do, nothing rewritten
+    r = subprocess.run([DRPIPE, "preprocess", "--src", raw_url, "--out", "s3://bkt/out1",
+                        *map(str, SETTINGS)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "already complete" in r.stdout, r.stderr
+
+
+def test_storage_options_stay_out_of_outputs(s3, raw_url, local_run, tmp_path):
+    """Credentials given as options work and are written nowhere."""
+    r = preprocess("--src", raw_url, "--out", "s3://bkt/out-opt", *SETTINGS,
+                   "--storage-option", "key=testing", "--storage-option", f"secret={SECRET}")
+    got = download(s3, "s3://bkt/out-opt", tmp_path / "got")
+    assert digest(got) == digest(local_run)
+    blob = b"".join(p.read_bytes() for p in got.iterdir())
+    assert SECRET.encode() not in blob and SECRET not in r.stdout + r.stderr
+
+
+@pytest.mark.slow  # over 30 s on two shared cores
+def test_archive_parts_in_the_store(s3, sample_dir, tmp_path):
+    """Kaggle's volumes in a bucket: the same bytes as the local extracted folder."""
+    from tests.test_archive import make_zip, split_parts
+
+    parts = split_parts(make_zip(sample_dir, tmp_path / "t.zip"), tmp_path / "parts")
+    for p in parts:
+        s3.put_file(str(p), f"bkt/parts/{p.name}")
+    with zipfile.ZipFile(tmp_path / "trainLabels.csv.zip", "w", zipfile.ZIP_DEFLATED) as z:
+        z.write(sample_dir / "trainLabels.csv", "trainLabels.csv")
+    s3.put_file(str(tmp_path / "trainLabels.csv.zip"), "bkt/parts/trainLabels.csv.zip")
+    args = ("--workers", 2, "--size", 128, "--shard-size", 2)
+    preprocess("--src", sample_dir, "--out", tmp_path / "local", *args)
+    preprocess("--src", "s3://bkt/parts", "--out", tmp_path / "fromstore", *args)
+    assert digest(tmp_path / "fromstore") == digest(tmp_path / "local")
+    assert len(digest(tmp_path / "local")) >= 4
+
+
+@pytest.mark.slow  # over 30 s on two shared cores
+def test_sigkill_mid_upload_then_rerun(s3, raw_url, local_run, tmp_path):
+    url = "s3://bkt/out-kill"
+    args = ["preprocess", "--quiet", "--src", raw_url, "--out", url, *SETTINGS[:4],
+            "--shard-size", 0.01]  # about one shard per record: a long upload
+
+    def uploading():
+        names = objects(s3, url)
+        return any(n.endswith(".tfrecord") for n in names) and "dataset_info.json" not in names
+
+    assert kill_when(start(*args), uploading, 240), "never caught it uploading"
+    seen = objects(s3, url)
+    assert "dataset_info.json" not in seen and ".drpipe.lease" in seen
+    n_shards = sum(n.endswith(".tfrecord") for n in seen)
+    r = subprocess.run([DRPIPE, *map(str, args)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr  # the dead run's lease is taken over
+    final = download(s3, url, tmp_path / "final")
+    total = sum(p.name.endswith(".tfrecord") for p in final.iterdir())
+    assert 0 < n_shards < total
+    # every shard the killed run left was whole: the same size as the finished one's
+    assert all(final.joinpath(n).stat().st_size == size for n, size in seen.items()
+               if n.endswith(".tfrecord"))
+    ref = tmp_path / "ref"
+    preprocess("--src", raw_url, "--out", ref, *args[6:])
+    assert digest(final) == digest(ref)
+
+
+@pytest.mark.slow  # over 30 s on two shared cores
+def test_second_concurrent_run_refused_by_the_lease(s3, raw_url, tmp_path):
+    url = "s3://bkt/out-lease"
+    first = start("preprocess", "--quiet", "--src", raw_url, "--out", url, *SETTINGS)
+    try:
+        deadline = time.time() + 60
+        while ".drpipe.lease" not in objects(s3, url) and time.time() < deadline:
+            time.sleep(0.05)
+        r = subprocess.run([DRPIPE, "preprocess", "--quiet", "--src", raw_url, "--out", url,
+                            *map(str, SETTINGS)], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1, r.stderr
+        assert "another drpipe run is writing to s3://bkt/out-lease" in r.stderr
+        assert f"host {socket.gethostname()}, pid {first.pid}" in r.stderr
+        assert r.stderr.count("\n") == 1
+    finally:
+        assert first.wait(timeout=300) == 0
+    # an expired lease of another host is taken over
+    s3.pipe_file("bkt/out-lease/.drpipe.lease", json.dumps(
+        {"host": "elsewhere", "pid": 1, "expires": time.time() - 5, "token": "x"}).encode())
+    r = subprocess.run([DRPIPE, "preprocess", "--src", raw_url, "--out", url,
+                        *map(str, SETTINGS)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "already complete" in r.stdout, r.stderr
+    # a live one of another host is not
+    s3.pipe_file("bkt/out-lease/.drpipe.lease", json.dumps(
+        {"host": "elsewhere", "pid": 1, "expires": time.time() + 600, "token": "x"}).encode())
+    r = subprocess.run([DRPIPE, "preprocess", "--src", raw_url, "--out", url,
+                        *map(str, SETTINGS)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "host elsewhere, pid 1" in r.stderr
+
+
+def test_missing_buckets_are_one_line(s3, raw_url, tmp_path):
+    r = preprocess("--src", raw_url, "--out", "s3://no-such-bucket/out", check=False)
+    assert r.returncode == 1 and "no such bucket 'no-such-bucket'" in r.stderr
+    assert r.stderr.count("\n") == 1
+    r = preprocess("--src", "s3://no-such-bucket/raw", "--out", tmp_path / "o", check=False)
+    assert r.returncode == 3 and "no such bucket or folder" in r.stderr
+    assert r.stderr.count("\n") == 1
+
+
+def test_refused_credentials_are_one_line(s3, raw_url, tmp_path):
+    from moto import settings
+
+    old = settings.INITIAL_NO_AUTH_ACTION_COUNT
+    settings.INITIAL_NO_AUTH_ACTION_COUNT = 0  # from now on the server checks credentials
+    try:
+        r = preprocess("--src", raw_url, "--out", tmp_path / "o", check=False)
+        r2 = preprocess("--src", tmp_path, "--out", "s3://bkt/denied", check=False)
+    finally:
+        settings.INITIAL_NO_AUTH_ACTION_COUNT = old
+    for res in (r, r2):
+        assert res.returncode == 1, res.stderr
+        assert "access denied" in res.stderr and "credentials" in res.stderr
+        assert res.stderr.count("\n") == 1 and SECRET not in res.stderr
+
+
+def test_shards_staged_for_training_verified(s3, raw_url, local_run, tmp_path):
+    from pipeline.job import JobError
+    from pipeline.remote_out import stage_shards
+
+    url = "s3://bkt/out1"
+    if "dataset_info.json" not in objects(s3, url):
+        preprocess("--src", raw_url, "--out", url, *SETTINGS)
+    local = stage_shards(url)
+    assert digest(local) == digest(local_run)
+    victim = sorted(local.glob("*.tfrecord"))[0]
+    victim.write_bytes(b"x" * victim.stat().st_size)  # same size, other bytes: re-fetched
+    assert digest(stage_shards(url)) == digest(local_run)
+    # a shard altered in the store is refused
+    key = f"bkt/out1/{victim.name}"
+    good = s3.cat_file(key)
+    s3.pipe_file(key, good[:-1] + bytes([good[-1] ^ 1]))
+    victim.unlink()
+    try:
+        with pytest.raises(JobError, match="does not match its size and SHA256SUMS"):
+            stage_shards(url)
+    finally:
+        s3.pipe_file(key, good)
+
+
+def test_cluster_workers_see_only_the_store(s3, raw_url, local_run, tmp_path, dask_cluster):
+    """Workers started elsewhere (their own cwd) read the photos from the store; the source
+    exists on no local disk."""
+    out = tmp_path / "out"
+    preprocess("--src", raw_url, "--out", out, *SETTINGS[2:], "--scheduler",
+               dask_cluster.address)
+    assert digest(out) == digest(local_run)
+
+
+@pytest.mark.slow  # over 30 s on two shared cores
+def test_archive_source_on_a_cluster_from_the_store(s3, sample_dir, tmp_path, dask_cluster):
+    from tests.test_archive import make_zip, split_parts
+
+    parts = split_parts(make_zip(sample_dir, tmp_path / "t.zip"), tmp_path / "parts")
+    for p in parts:
+        s3.put_file(str(p), f"bkt/cparts/{p.name}")
+    s3.put_file(str(sample_dir / "trainLabels.csv"), "bkt/cparts/trainLabels.csv")
+    shutil.rmtree(tmp_path / "parts")
+    args = ("--size", 128, "--shard-size", 2)
+    preprocess("--src", sample_dir, "--out", tmp_path / "local", "--workers", 2, *args)
+    preprocess("--src", "s3://bkt/cparts", "--out", "s3://bkt/cout", *args, "--scheduler",
+               dask_cluster.address)
+    got = download(s3, "s3://bkt/cout", tmp_path / "got")
+    assert digest(got) == digest(tmp_path / "local")
+
+
+def test_foreign_objects_in_store_out_refused_and_kept(s3, raw_url):
+    s3.pipe_file("bkt/foreign/notes.txt", b"mine")
+    s3.pipe_file("bkt/foreign/train-00000-of-00001.tfrecord", b"not drpipe's")
+    r = preprocess("--src", raw_url, "--out", "s3://bkt/foreign", *SETTINGS, check=False)
+    assert r.returncode == 1 and "not empty and not a drpipe output" in r.stderr
+    assert objects(s3, "s3://bkt/foreign") == {"notes.txt": 4,
+                                                "train-00000-of-00001.tfrecord": 12}
+
+
+def test_train_data_url_is_staged_or_refused_in_one_line(s3):
+    r = subprocess.run([DRPIPE, "train", "--data", "s3://bkt/nothing-here"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1
+    assert "s3://bkt/nothing-here: no finished drpipe output here" in r.stderr
+
+
+def test_report_on_a_store_output(s3, raw_url, tmp_path):
+    url = "s3://bkt/out1"
+    if "dataset_info.json" not in objects(s3, url):
+        preprocess("--src", raw_url, "--out", url, *SETTINGS)
+    r = subprocess.run([DRPIPE, "report", "--data", url, "--out", str(tmp_path / "r.html")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "r.html").stat().st_size > 10_000
