@@ -41,6 +41,7 @@ import uuid
 from pathlib import Path
 
 from pipeline import storage
+from tfrecord_writer import info as output_info
 
 LEASE = ".drpipe.lease"
 SUMS = "SHA256SUMS"
@@ -311,8 +312,12 @@ def _upload(fs, local: Path, url: str, lease: Lease) -> None:
             fs.rm(f"{url}/{n}")  # a shard of this output's earlier, interrupted plan
     sums = "".join(f"{_sha256(p)}  {p.name}\n" for p in shards)
     fs.pipe_file(f"{url}/{SUMS}", sums.encode())
-    for name in ("data_manifest.csv", "manifest.parquet"):
-        fs.put_file(str(local / name), f"{url}/{name}")
+    # The manifest and the info files (TFDS's features.json, drpipe_info.json, ...), then
+    # the completion marker.
+    for name in ("data_manifest.csv", "manifest.parquet",
+                 *(f for f in output_info.FILES if f != job.INFO_FILE)):
+        if (local / name).exists():
+            fs.put_file(str(local / name), f"{url}/{name}")
     lease.check()
     fs.put_file(str(local / job.INFO_FILE), f"{url}/{job.INFO_FILE}")  # the marker, last
 
@@ -349,7 +354,7 @@ def stage_shards(url: str) -> Path:
             raise _job_error(f"{url}/{name}: the downloaded shard does not match its size "
                              f"and {SUMS} entry; re-run to fetch it again")
         os.replace(tmp, p)
-    for name in ("dataset_info.json", "data_manifest.csv", "manifest.parquet"):
+    for name in ("data_manifest.csv", "manifest.parquet", *output_info.FILES):
         if name in names:
             tmp = local / f"{name}.{os.getpid()}.tmp"
             fs.get_file(f"{url}/{name}", str(tmp))
