@@ -202,6 +202,8 @@ def _run_to_store(config, opts, progress_factory, url: str) -> dict:
                     and old.get("input_hash") == state["input_hash"])
             if same and not opts.overwrite and job.INFO_FILE in names:
                 info = _read_json(fs, f"{url}/{job.INFO_FILE}")
+                if "drpipe_version" not in info:  # the TFDS file: drpipe's info is beside it
+                    info = _read_json(fs, f"{url}/{output_info.DRPIPE_INFO_FILE}")
                 return dict(info["summary"], already_complete=True)
             if not same and not opts.overwrite:
                 what = ("configuration" if old.get("config_hash") != state["config_hash"]

@@ -19,6 +19,7 @@ import pytest
 from tests.reliability.helpers import kill_when, start
 from tests.test_cli import DRPIPE
 from tests.test_preprocess import digest, preprocess
+from tfrecord_writer.info import load_info
 
 moto_server = pytest.importorskip("moto.server")
 s3fs = pytest.importorskip("s3fs")
@@ -91,7 +92,7 @@ def test_store_to_store_equals_the_local_run(s3, raw_url, local_run, tmp_path):
     assert digest(got) == digest(local_run) and len(digest(got)) >= 5
     names = objects(s3, "s3://bkt/out1")
     assert "dataset_info.json" in names and "SHA256SUMS" in names and ".drpipe.lease" not in names
-    info = json.loads((got / "dataset_info.json").read_text())
+    info = load_info(got)
     assert info["config"]["src"] == raw_url
     everything = r.stdout + r.stderr + "".join(
         p.read_bytes().decode("latin-1") for p in got.iterdir())
