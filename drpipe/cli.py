@@ -421,9 +421,11 @@ def split(labels, id_col, label_col, patient_col, split_spec, seed, out):
     shards get exactly this split.
     """
     import csv
+    import io
 
     from pipeline.sources import LabelError, read_labels
     from pipeline.split import assign_splits, parse_split_spec
+    from tfrecord_writer.writer import atomic_write_bytes
 
     try:
         ratios = parse_split_spec(split_spec)
@@ -433,12 +435,29 @@ def split(labels, id_col, label_col, patient_col, split_spec, seed, out):
         rows = read_labels(labels, id_col, label_col, patient_col)
     except LabelError as e:
         raise InputDataError(str(e)) from None
+    header = ["image", "patient_id", "eye", "label", "split"]
+    # Never replace a file drpipe split did not write (--out trainLabels.csv would lose the
+    # labels): an existing --out must be a previous split plan.
+    if out.exists():
+        try:
+            with open(out, newline="", encoding="utf-8") as f:
+                first = next(csv.reader(f), None)
+        except (OSError, UnicodeDecodeError):
+            first = None
+        if first != header or out.resolve() == labels.resolve():
+            raise click.BadParameter(f"{out} exists and is not a drpipe split plan; "
+                                     "choose another --out", param_hint="--out")
     assignment = assign_splits([(r.image_id, r.patient_id, r.label) for r in rows], ratios, seed)
-    with open(out, "w", newline="") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(["image", "patient_id", "eye", "label", "split"])
-        for r in sorted(rows, key=lambda r: r.image_id):
-            w.writerow([r.image_id, r.patient_id, r.eye, r.label, assignment[r.image_id]])
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    for r in sorted(rows, key=lambda r: r.image_id):
+        w.writerow([r.image_id, r.patient_id, r.eye, r.label, assignment[r.image_id]])
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out, buf.getvalue().encode())
+    except OSError as e:
+        raise DrpipeError(f"cannot write {out}: {e.strerror or e}") from None
     total = [sum(1 for r in rows if r.label == g) for g in range(5)]
     click.echo(f"{len(rows)} photos of {len({r.patient_id for r in rows})} patients -> {out}")
     for name in ratios:
@@ -770,7 +789,8 @@ def export(run, fmt, quantize, out, checkpoint, threads):
               help="Batch sizes to try (comma-separated; '' = not a grid axis).")
 @click.option("--grid", "grids", multiple=True, metavar="OPTION=V1,V2,...",
               help="Any other drpipe train option as a grid axis (repeatable), e.g. "
-                   "--grid model=resnetv2-small,cnn-small --grid augment=pisa,full.")
+                   "--grid model=resnetv2-small,cnn-small --grid augment=pisa,full; values "
+                   "that hold commas separated by ';': --grid 'head=16;32,16'.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Tuning directory [default: runs/tune-<timestamp>]; repeat the command with "
                    "the same --out to continue an interrupted tuning.")

@@ -14,7 +14,7 @@ from pathlib import Path
 import tensorflow as tf
 
 from tfrecord_writer.info import load_info
-from tfrecord_writer.schema import tf_feature_spec
+from tfrecord_writer.schema import REFERABLE_MIN_GRADE, tf_feature_spec
 
 AUTOTUNE = tf.data.AUTOTUNE
 TASKS = ("grade", "referable", "regression")
@@ -124,7 +124,10 @@ def make_dataset(data_dir: str | Path, split: str, *, image_size: int, batch_siz
         def grade(s):
             return tf.io.parse_single_example(s, label_spec)["image/class/label"]
 
-        present = [k for k, n in enumerate(split_counts(data_dir, split)) if n > 0]
+        counts = split_counts(data_dir, split)
+        if task == "referable" and tuple(target_distribution) == EQUAL:
+            target_distribution = referable_balance(counts)
+        present = [k for k, n in enumerate(counts) if n > 0]
         per_grade = [ds.filter(lambda s, k=k: tf.equal(grade(s), k)).repeat()
                      .shuffle(max(64, shuffle_buffer // 5), seed=seed + k) for k in present]
         ds = tf.data.Dataset.sample_from_datasets(
@@ -135,6 +138,19 @@ def make_dataset(data_dir: str | Path, split: str, *, image_size: int, batch_siz
     ds = ds.map(lambda img, g: (img, target_for(task, g)), num_parallel_calls=AUTOTUNE)
     ds = ds.batch(batch_size, drop_remainder=False)
     return ds.with_options(opts).prefetch(AUTOTUNE)
+
+
+def referable_balance(counts: list[int]) -> tuple[float, ...]:
+    """Grade distribution for resampling the binary referable task: half non-referable,
+    half referable, each half in its own grade mix — up-sampling the minority class (Zhong
+    & Cao) rather than equal grades, which would make 3/5 of the stream referable."""
+    neg = sum(counts[:REFERABLE_MIN_GRADE])
+    pos = sum(counts[REFERABLE_MIN_GRADE:])
+    total = neg + pos
+    if not neg or not pos:  # one class only: nothing to balance
+        return tuple(n / total for n in counts) if total else EQUAL
+    return tuple(0.5 * n / (neg if k < REFERABLE_MIN_GRADE else pos)
+                 for k, n in enumerate(counts))
 
 
 def class_weights(counts: list[int]) -> dict[int, float]:

@@ -57,10 +57,12 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
     for item in items:
         name, sep, values = item.partition("=")
         name = name.strip().removeprefix("--").replace("_", "-")
-        vals = [v.strip() for v in values.split(",") if v.strip()]
+        # Values that hold commas themselves (a head such as 32,16) are separated by ';'.
+        sep_values = ";" if ";" in values else ","
+        vals = [v.strip() for v in values.split(sep_values) if v.strip()]
         if not sep or not name or not vals:
             raise TuneError(f"--grid {item!r}: expected OPTION=V1,V2,... "
-                            "(e.g. lr=1e-3,1e-4)")
+                            "(e.g. lr=1e-3,1e-4; head=16;32,16 for values with commas)")
         if name in ("out", "resume", "config"):
             raise TuneError(f"--grid {item!r}: --{name} cannot vary across points")
         if len(set(vals)) < len(vals):
