@@ -44,6 +44,7 @@ from pipeline.split import assign_splits
 from tfrecord_writer.example import serialize_example
 from tfrecord_writer.schema import FEATURES, Record
 from tfrecord_writer.writer import (
+    TMP_SUFFIX,
     ShardWriter,
     atomic_write_bytes,
     plan_shards,
@@ -191,41 +192,101 @@ def _input_fingerprint(source: Source, photos) -> str:
 
 
 def _prepare_out(out: Path, state: dict, overwrite: bool) -> bool:
-    """Check ``out`` against this run. Returns True if the run is already complete."""
+    """Check ``out`` against this run. Returns True if the run is already complete.
+
+    Only files a drpipe run recorded as its own (OWN_FILES, and the shards listed in the
+    state file or dataset_info.json) are ever kept, replaced or removed: any other
+    ``*.tfrecord`` in ``out`` would be read as part of the dataset, so it is refused."""
     state_path = out / STATE_FILE
-    if state_path.exists():
-        try:
-            old = json.loads(state_path.read_text())
-        except (OSError, ValueError):
-            old = {}
+    old = _read_json(state_path) if state_path.exists() else None
+    recorded = _recorded_shards(out, old or {})
+    stray = sorted(p.name for p in out.glob("*.tfrecord") if p.name not in recorded)
+    if stray:
+        raise JobError(f"{out} holds {stray[0]}" + (f" and {len(stray) - 1} more shard(s)"
+                       if len(stray) > 1 else "") + " that no drpipe run recorded writing "
+                       "here; move them away or choose another --out")
+    if old is not None:
         same = (old.get("config_hash") == state["config_hash"]
                 and old.get("input_hash") == state["input_hash"])
         if same and not overwrite:
+            state["shards"] = old.get("shards", {})
             return (out / INFO_FILE).exists()
         if not overwrite:
             what = ("configuration" if old.get("config_hash") != state["config_hash"]
                     else "input photos or labels")
             raise JobError(f"{out} holds a run with a different {what}; use --overwrite to "
                            "replace it, or choose another --out")
-        _clear(out)
+        _clear(out, recorded)
     else:
         foreign = [p.name for p in out.iterdir() if p.name not in OWN_FILES
-                   and not p.name.endswith(".tfrecord") and not p.name.endswith(".tmp")]
+                   and not p.name.endswith(TMP_SUFFIX) and p.name not in recorded]
         if foreign and not overwrite:
             raise JobError(f"{out} is not empty and not a drpipe output ({foreign[0]}, ...); "
                            "choose an empty --out")
         if overwrite:
-            _clear(out)
+            _clear(out, recorded)
+    state["shards"] = {}
     atomic_write_bytes(state_path, json.dumps(state, indent=2, sort_keys=True).encode())
     return False
 
 
-def _clear(out: Path) -> None:
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _recorded_shards(out: Path, old_state: dict) -> set[str]:
+    """Shard names a drpipe run recorded writing into ``out``: the state file's (written
+    as each shard is committed) and a finished run's dataset_info.json."""
+    names = set(old_state.get("shards") or {})
+    info = _read_json(out / INFO_FILE) if (out / INFO_FILE).exists() else {}
+    for split in (info.get("splits") or {}).values():
+        names.update(f.get("name") for f in split.get("shards", []) if isinstance(f, dict))
+    return {n for n in names if isinstance(n, str) and "/" not in n}
+
+
+def _clear(out: Path, recorded: set[str]) -> None:
     for p in out.iterdir():
         if p.name == LOCK_FILE:
             continue
-        if p.name in OWN_FILES or p.name.endswith((".tfrecord", ".tmp")):
+        if p.name in OWN_FILES or p.name in recorded or (
+                p.name.startswith(".") and p.name.endswith(TMP_SUFFIX)):
             shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _record_shard(out: Path, state: dict, name: str) -> dict:
+    """Note a committed shard in the state file (before anything else relies on it)."""
+    path = out / name
+    entry = {"bytes": path.stat().st_size, "sha256": _file_sha256(path)}
+    state.setdefault("shards", {})[name] = entry
+    atomic_write_bytes(out / STATE_FILE, json.dumps(state, indent=2, sort_keys=True).encode())
+    return entry
+
+
+def _plan_shard(out: Path, state: dict, name: str) -> None:
+    state.setdefault("shards", {})[name] = {}
+    atomic_write_bytes(out / STATE_FILE, json.dumps(state, indent=2, sort_keys=True).encode())
+
+
+def _own_shard_intact(out: Path, state: dict, name: str) -> bool:
+    """A shard is kept on resume only if this run recorded writing it and its bytes are
+    the ones recorded."""
+    entry = (state.get("shards") or {}).get(name)
+    path = out / name
+    if not entry or not path.is_file() or path.stat().st_size != entry.get("bytes"):
+        return False
+    return _file_sha256(path) == entry.get("sha256")
 
 
 def _start_client(opts: RunOptions):
@@ -339,7 +400,7 @@ def _run(config: JobConfig, opts: RunOptions, progress_factory) -> dict:
         _flag_duplicates(rows)
         for row in rows:  # rejected photos show the split they would have been in
             row["split"] = splits.get(row["image_id"], "")
-        shards = _write_shards(rows, config, out, staging)
+        shards = _write_shards(rows, config, out, staging, state)
         for r in missing:
             rows.append({"image_id": r.image_id, "path": "", "patient_id": r.patient_id,
                          "eye": r.eye, "label": r.label, "origin": r.origin,
@@ -422,14 +483,16 @@ def _flag_duplicates(rows: list[dict]) -> None:
                 first[sha] = row["image_id"]
 
 
-def _write_shards(rows: list[dict], config: JobConfig, out: Path, staging: Path) -> dict:
+def _write_shards(rows: list[dict], config: JobConfig, out: Path, staging: Path,
+                  state: dict | None = None) -> dict:
     """Seeded order per split, size-based cuts, atomic writes. Returns per-split shard info
     and sets each row's ``shard``."""
     with _StagedRecords(staging) as staged:
-        return _write_split_shards(rows, config, out, staged)
+        return _write_split_shards(rows, config, out, staged,
+                                   state if state is not None else {"shards": {}})
 
 
-def _write_split_shards(rows, config, out, staged: _StagedRecords) -> dict:
+def _write_split_shards(rows, config, out, staged: _StagedRecords, state: dict) -> dict:
     target = int(config.shard_size_mb * 1024 * 1024)
     info = {}
     for split in config.split:
@@ -446,10 +509,14 @@ def _write_split_shards(rows, config, out, staged: _StagedRecords) -> dict:
             for r in these:
                 r["shard"] = name
             path = out / name
-            if not path.exists():  # committed shards of an interrupted run are identical
+            # Committed shards of an interrupted run are identical: kept, but only if this
+            # run recorded writing them and their bytes check out.
+            if not _own_shard_intact(out, state, name):
+                _plan_shard(out, state, name)  # a kill after the rename leaves it ours
                 with ShardWriter(path) as w:
                     for r in these:
                         w.write(staged.read(r))
+                _record_shard(out, state, name)
             files.append({"name": name, "records": len(these), "bytes": path.stat().st_size})
         info[split] = {"shards": files, "records": len(members)}
     return info

@@ -1,0 +1,99 @@
+"""No command deletes or overwrites a file it did not create (issue 10, section A).
+
+Each test puts a user's file where drpipe writes, runs the real command, and checks the
+file's bytes afterwards (and the one-line refusal where drpipe refuses)."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipeline.synth import synth_dataset
+from tests.reliability.helpers import digest, drpipe, no_traceback
+
+ARGS = ["--workers", "1", "--size", "64", "--shard-size", "0.02", "--quiet"]
+
+
+def _sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("own-raw")
+    synth_dataset(root, n=24, seed=5)
+    return root
+
+
+@pytest.fixture(scope="module")
+def done(raw, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("own-done") / "shards"
+    drpipe("preprocess", "--src", raw, "--out", out, *ARGS, check=True)
+    assert len(list(out.glob("*.tfrecord"))) >= 3
+    return out
+
+
+# ------------------------------------------------------------------ preprocess (A4)
+
+
+def test_preprocess_overwrite_keeps_a_users_tmp_file(raw, done, tmp_path):
+    out = tmp_path / "shards"
+    shutil.copytree(done, out)
+    (out / "notes.tmp").write_text("my notes")
+    (out / "train.tmp").write_text("mine too")
+    r = drpipe("preprocess", "--src", raw, "--out", out, *ARGS, "--size", "48", "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert (out / "notes.tmp").read_text() == "my notes"
+    assert (out / "train.tmp").read_text() == "mine too"
+
+
+def test_preprocess_refuses_a_shard_it_did_not_write(raw, done, tmp_path):
+    # Another dataset's shard, under a name this run would use, in an otherwise empty --out.
+    foreign = sorted(done.glob("train-*.tfrecord"))[0]
+    out = tmp_path / "shards"
+    out.mkdir()
+    shutil.copy(foreign, out / foreign.name)
+    before = _sha(out / foreign.name)
+    r = drpipe("preprocess", "--src", raw, "--out", out, *ARGS, "--size", "48")
+    no_traceback(r)
+    assert r.returncode == 1 and "no drpipe run recorded writing here" in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1
+    assert _sha(out / foreign.name) == before and not (out / "dataset_info.json").exists()
+    # --overwrite replaces drpipe's output, never a file drpipe did not write
+    r = drpipe("preprocess", "--src", raw, "--out", out, *ARGS, "--overwrite")
+    assert r.returncode == 1 and _sha(out / foreign.name) == before
+
+
+def test_preprocess_refuses_a_stray_shard_beside_a_finished_run(raw, done, tmp_path):
+    out = tmp_path / "shards"
+    shutil.copytree(done, out)
+    stray = out / "train-00007-of-00009.tfrecord"  # would be globbed with the dataset
+    shutil.copy(sorted(done.glob("val-*.tfrecord"))[0], stray)
+    r = drpipe("preprocess", "--src", raw, "--out", out, *ARGS, "--size", "48", "--overwrite")
+    assert r.returncode == 1 and stray.name in r.stderr, r.stderr
+    assert stray.exists() and digest(out) == {**digest(done), stray.name: _sha(stray)}
+
+
+def test_resume_rewrites_a_recorded_shard_whose_bytes_changed(raw, done, tmp_path):
+    out = tmp_path / "shards"
+    shutil.copytree(done, out)
+    (out / "dataset_info.json").unlink()  # an interrupted run, shards written
+    shards = sorted(out.glob("train-*.tfrecord"))
+    shards[0].write_bytes(shards[1].read_bytes())  # changed behind drpipe's back
+    r = drpipe("preprocess", "--src", raw, "--out", out, *ARGS)
+    assert r.returncode == 0, r.stderr
+    assert digest(out) == digest(done)
+
+
+def test_temporaries_are_drpipe_names(raw, tmp_path):
+    from tfrecord_writer.writer import remove_temporaries, temporary_name
+
+    (tmp_path / "notes.tmp").write_text("mine")
+    ours = temporary_name(tmp_path / "train-00000-of-00001.tfrecord")
+    ours.write_bytes(b"half")
+    assert ours.name.startswith(".") and ours.name.endswith(".drpipe.tmp")
+    assert remove_temporaries(tmp_path) == 1
+    assert (tmp_path / "notes.tmp").read_text() == "mine" and not ours.exists()
