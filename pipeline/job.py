@@ -81,6 +81,7 @@ class JobConfig:
     label_col: str = "level"
     patient_col: str | None = None
     limit: int | None = None
+    follow_links: bool = False  # read symlinks that lead outside src (else outside_source)
 
     def output_config(self) -> dict:
         """The configuration as stored with the data (paths made absolute)."""
@@ -109,9 +110,13 @@ class RunOptions:
 # ---------------------------------------------------------------------------- worker side
 
 
-def process_batch(root: str, items: list[dict], config: ProcessConfig) -> dict:
+def process_batch(root: str, items: list[dict], config: ProcessConfig,
+                  confine: bool = True) -> dict:
     """Process photos on a worker. Returns {"rows": [...], "records": [bytes|None, ...],
-    "maxrss_mb": float, "tensorflow_loaded": bool}. Never raises for a bad photo."""
+    "maxrss_mb": float, "tensorflow_loaded": bool}. Never raises for a bad photo.
+
+    ``confine``: a photo whose path (through symlinks, of files or folders) leads outside
+    ``root`` is rejected ``outside_source`` without being read."""
     import resource
 
     import cv2
@@ -122,7 +127,8 @@ def process_batch(root: str, items: list[dict], config: ProcessConfig) -> dict:
         row = dict(it, status="ok", reason="", sha256="", bytes=None, width=None,
                    height=None, retina_cx=None, retina_cy=None, retina_r=None)
         record = None
-        data = read_photo(Path(root, it["path"]))
+        data = (outside_source(root, it["path"]) if confine else None) or read_photo(
+            Path(root, it["path"]), config.max_bytes)
         if isinstance(data, Rejection):
             result = data
         else:
@@ -147,6 +153,19 @@ def process_batch(root: str, items: list[dict], config: ProcessConfig) -> dict:
     return {"rows": rows, "records": records,
             "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "tensorflow_loaded": "tensorflow" in sys.modules}
+
+
+def outside_source(root: str, rel: str) -> Rejection | None:
+    """The rejection of a path under ``root`` that resolves (through symlinks) outside it;
+    None for a path inside, or a broken link (reported as unreadable when read)."""
+    path = os.path.join(root, rel)
+    if not os.path.exists(path):
+        return None
+    real, top = os.path.realpath(path), os.path.realpath(root)
+    if os.path.commonpath([real, top]) == top:
+        return None
+    return Rejection("outside_source", f"a symlink to {real}, outside the source folder "
+                                       "(--follow-links reads it)")
 
 
 # ---------------------------------------------------------------------------- client side
@@ -444,6 +463,7 @@ def _process_batches(batches, todo, root, config, opts, staging, progress_factor
             if k is None:
                 return
             f = client.submit(process_batch, str(root), batches[k], config.process,
+                              not config.follow_links,
                               key=f"drpipe-batch-{key}-{k}", retries=2, pure=False)
             futures[f] = k
             ac.add(f)

@@ -73,3 +73,46 @@ def _wrap(s: str, width: int) -> list[str]:
         else:
             cur = f"{cur} {word}".strip()
     return lines + ([cur] if cur else [])
+
+
+# ---------------------------------------------------------------- where the outputs go
+
+SHEET = "contact_sheet.jpeg"
+RECORD = ".drpipe-preview.json"  # the names earlier previews wrote here: theirs to replace
+
+
+def plan_outputs(out, files) -> tuple[str, list[str]]:
+    """(contact sheet name, one output name per photo). Never a name of another output of
+    this run (photos sharing a stem get ``{stem}~2.jpeg``), and never the name of a file in
+    ``out`` that no preview wrote (it gets the next free name instead)."""
+    from pathlib import Path
+
+    from pipeline.outputs import unique_names
+
+    out = Path(out)
+    own = _recorded(out)
+    foreign = tuple(p.name for p in out.iterdir()) if out.is_dir() else ()
+    foreign = tuple(n for n in foreign if n not in own and n != RECORD)
+    sheet = unique_names([Path(SHEET)], reserved=foreign)[0]
+    return sheet, unique_names(files, "{stem}.jpeg", reserved=(*foreign, sheet))
+
+
+def _recorded(out) -> set[str]:
+    import json
+    from pathlib import Path
+
+    try:
+        names = json.loads((Path(out) / RECORD).read_text()).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {n for n in names if isinstance(n, str) and "/" not in n}
+
+
+def record_outputs(out, names: list[str]) -> None:
+    import json
+    from pathlib import Path
+
+    from tfrecord_writer.writer import atomic_write_bytes
+
+    keep = sorted(_recorded(out) | set(names))
+    atomic_write_bytes(Path(out) / RECORD, json.dumps({"files": keep}, indent=1).encode())
