@@ -33,6 +33,12 @@ class InputDataError(DrpipeError):
     exit_code = 3
 
 
+class Interrupted(DrpipeError):
+    """Ctrl-C (SIGINT): one line, exit code 130 (128 + SIGINT), as shells expect."""
+
+    exit_code = 130
+
+
 class RefusedError(DrpipeError):
     """An output that would replace or delete what drpipe did not create: one line, exit 2."""
 
@@ -135,7 +141,11 @@ def main():
       drpipe report --run runs/first --out report.html
 
     Exit codes: 0 done (rejected photos are listed, not failures), 1 the run failed,
-    2 usage error, 3 bad input data (labels, source layout).
+    2 usage error (or an --out drpipe may not write over), 3 bad input data (labels, source
+    layout), 130 interrupted (Ctrl-C; re-run to resume).
+
+    TensorFlow's start-up logging (absl, oneDNN, CUDA probes) is hidden; DRPIPE_TF_LOGS=1
+    shows it.
     """
 
 
@@ -324,6 +334,9 @@ def preprocess(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_me
                     disable=True if quiet else None, smoothing=0.1)
     try:
         summary = run_job(cfg, opts, progress_factory=bar)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; what was committed to {out} is kept (re-run the same "
+                          "command to resume)") from None
     except (LabelError, SourceError) as e:
         raise InputDataError(str(e)) from None
     except JobError as e:
@@ -609,7 +622,8 @@ def predict(run, sources, out, checkpoint, exported):
 @click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True,
-              help="A .png file for one photo, else a directory ({id}_gradcam.png each).")
+              help="A .png (or .jpg) file for one photo, else a directory "
+                   "({id}_gradcam.png each; photos sharing a name get {id}~2_gradcam.png).")
 @click.option("--class", "class_index", type=click.IntRange(0, 4), default=None,
               help="Grade to explain [default: the predicted one].")
 def explain(run, images, out, class_index):
@@ -618,11 +632,17 @@ def explain(run, images, out, class_index):
     import os
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from training.explain import explain_photos
+    from pipeline.sources import expand_photo_paths
+    from training.explain import ExplainError, explain_photos, plan_targets
 
     if not (run / "model.keras").exists():
         raise DrpipeError(f"{run}: no model.keras (is the run finished?)")
-    for target, result in explain_photos(run, images, out, class_index):
+    try:
+        plan_targets(expand_photo_paths(images), out)  # before the model loads
+        results = explain_photos(run, images, out, class_index)
+    except ExplainError as e:
+        raise DrpipeError(str(e)) from None
+    for target, result in results:
         if isinstance(result, tuple):
             click.echo(f"{target}: grade {result[0]}")
         else:
@@ -841,8 +861,15 @@ def run() -> None:
     (DRPIPE_DEBUG=1 shows it)."""
     import os
 
+    from drpipe.tflogs import install
+
+    install()  # TensorFlow's native start-up lines hidden unless DRPIPE_TF_LOGS=1
     try:
         main(standalone_mode=True)
+    except KeyboardInterrupt:
+        click.echo("drpipe: interrupted; what was committed is kept (re-run the same command "
+                   "to resume)", err=True)
+        sys.exit(130)
     except Exception as e:  # noqa: BLE001
         if os.environ.get("DRPIPE_DEBUG"):
             raise

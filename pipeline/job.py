@@ -124,8 +124,7 @@ def process_batch(root: str, items: list[dict], config: ProcessConfig,
     cv2.setNumThreads(1)  # one task per worker process: no oversubscription
     rows, records = [], []
     for it in items:
-        row = dict(it, status="ok", reason="", sha256="", bytes=None, width=None,
-                   height=None, retina_cx=None, retina_cy=None, retina_r=None)
+        row = _blank_row(it)
         record = None
         data = (outside_source(root, it["path"]) if confine else None) or read_photo(
             Path(root, it["path"]), config.max_bytes)
@@ -153,6 +152,11 @@ def process_batch(root: str, items: list[dict], config: ProcessConfig,
     return {"rows": rows, "records": records,
             "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "tensorflow_loaded": "tensorflow" in sys.modules}
+
+
+def _blank_row(it: dict) -> dict:
+    return dict(it, status="ok", reason="", sha256="", bytes=None, width=None, height=None,
+                retina_cx=None, retina_cy=None, retina_r=None)
 
 
 def outside_source(root: str, rel: str) -> Rejection | None:
@@ -324,8 +328,16 @@ def _start_client(opts: RunOptions):
     n = opts.workers or os.cpu_count() or 1
     # The scheduler serves HTTP (health, metrics) even without a dashboard; on localhost and
     # any free port it neither collides with another cluster's 8787 nor faces the network.
-    cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                           dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR)
+    # Workers start with SIGINT ignored (inherited): a Ctrl-C in the terminal reaches the
+    # whole process group, and only this process should answer it (one line, exit 130).
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                               dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     return Client(cluster), cluster
 
 
@@ -475,9 +487,13 @@ def _process_batches(batches, todo, root, config, opts, staging, progress_factor
             k = futures.pop(f)
             try:
                 result = f.result()
-            except Exception as e:  # noqa: BLE001 - a lost batch after retries
+            except (OSError, TimeoutError) as e:  # the cluster itself is gone
                 raise JobError(f"batch {k} failed on the cluster after retries: "
                                f"{type(e).__name__}: {e}") from None
+            except Exception as e:  # noqa: BLE001 - KilledWorker after retries, mostly
+                # A worker died on this batch (out of memory?) or it failed: retry it photo
+                # by photo, and reject only the photo(s) that still fail, with the reason.
+                result = _isolate(client, root, batches[k], config, f"{key}-{k}", e)
             _commit_batch(staging, k, result)
             f.release()
             if bar:
@@ -489,6 +505,34 @@ def _process_batches(batches, todo, root, config, opts, staging, progress_factor
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+def _isolate(client, root, items, config, key, error) -> dict:
+    """``process_batch``'s result for a batch whose task failed: each photo on its own task;
+    one that fails again (a worker killed reading or decoding it) is rejected, named."""
+    from distributed import wait
+
+    futures = [client.submit(process_batch, str(root), [it], config.process,
+                             not config.follow_links, key=f"drpipe-photo-{key}-{i}",
+                             retries=0, pure=False) for i, it in enumerate(items)]
+    wait(futures)
+    rows, records, rss, tf_loaded = [], [], 0.0, False
+    for it, f in zip(items, futures, strict=True):
+        try:
+            r = f.result()
+        except Exception as e:  # noqa: BLE001 - this photo is the one
+            what = ("worker_died: the worker processing this photo died (out of memory?); "
+                    f"{type(e).__name__}" if type(e).__name__ == "KilledWorker" else
+                    f"internal_error: {type(e).__name__}: {e}")
+            r = {"rows": [dict(_blank_row(it), status="rejected", reason=what)],
+                 "records": [None], "maxrss_mb": 0.0, "tensorflow_loaded": False}
+        finally:
+            f.release()
+        rows += r["rows"]
+        records += r["records"]
+        rss, tf_loaded = max(rss, r["maxrss_mb"]), tf_loaded or r["tensorflow_loaded"]
+    return {"rows": rows, "records": records, "maxrss_mb": rss, "tensorflow_loaded": tf_loaded,
+            "isolated_after": f"{type(error).__name__}: {error}"}
 
 
 def _flag_duplicates(rows: list[dict]) -> None:

@@ -83,3 +83,36 @@ def refuse_existing(target: Path, what: str, why: str) -> None:
     if os.path.lexists(target):
         raise OutputRefused(f"{target} exists and {why}; {what} never replaces it (move it "
                             "away or choose another --out)")
+
+
+# ------------------------------------------------ a folder of outputs shared with the user
+
+
+def recorded(out: Path, record: str) -> set[str]:
+    """Names an earlier run of the command recorded writing into ``out`` (its to replace)."""
+    import json
+
+    try:
+        names = json.loads((Path(out) / record).read_text()).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {n for n in names if isinstance(n, str) and "/" not in n}
+
+
+def record_names(out: Path, record: str, names: list[str]) -> None:
+    """Add ``names`` to ``out``'s record, before they are written (a kill leaves them ours)."""
+    import json
+
+    from tfrecord_writer.writer import atomic_write_bytes
+
+    keep = sorted(recorded(out, record) | set(names))
+    atomic_write_bytes(Path(out) / record, json.dumps({"files": keep}, indent=1).encode())
+
+
+def foreign_names(out: Path, record: str) -> tuple[str, ...]:
+    """Entries of ``out`` that the command did not record writing: never replaced."""
+    out = Path(out)
+    if not out.is_dir():
+        return ()
+    own = recorded(out, record)
+    return tuple(p.name for p in out.iterdir() if p.name not in own and p.name != record)

@@ -87,32 +87,14 @@ def plan_outputs(out, files) -> tuple[str, list[str]]:
     ``out`` that no preview wrote (it gets the next free name instead)."""
     from pathlib import Path
 
-    from pipeline.outputs import unique_names
+    from pipeline.outputs import foreign_names, unique_names
 
-    out = Path(out)
-    own = _recorded(out)
-    foreign = tuple(p.name for p in out.iterdir()) if out.is_dir() else ()
-    foreign = tuple(n for n in foreign if n not in own and n != RECORD)
-    sheet = unique_names([Path(SHEET)], reserved=foreign)[0]
+    foreign = foreign_names(Path(out), RECORD)
+    sheet = unique_names([Path(SHEET)], "{stem}.jpeg", reserved=foreign)[0]
     return sheet, unique_names(files, "{stem}.jpeg", reserved=(*foreign, sheet))
 
 
-def _recorded(out) -> set[str]:
-    import json
-    from pathlib import Path
-
-    try:
-        names = json.loads((Path(out) / RECORD).read_text()).get("files", [])
-    except (OSError, ValueError, AttributeError):
-        return set()
-    return {n for n in names if isinstance(n, str) and "/" not in n}
-
-
 def record_outputs(out, names: list[str]) -> None:
-    import json
-    from pathlib import Path
+    from pipeline.outputs import record_names
 
-    from tfrecord_writer.writer import atomic_write_bytes
-
-    keep = sorted(_recorded(out) | set(names))
-    atomic_write_bytes(Path(out) / RECORD, json.dumps({"files": keep}, indent=1).encode())
+    record_names(out, RECORD, names)

@@ -97,3 +97,76 @@ def test_temporaries_are_drpipe_names(raw, tmp_path):
     assert ours.name.startswith(".") and ours.name.endswith(".drpipe.tmp")
     assert remove_temporaries(tmp_path) == 1
     assert (tmp_path / "notes.tmp").read_text() == "mine" and not ours.exists()
+
+
+# ------------------------------------------------------------------ preview (A2)
+
+
+def test_preview_never_replaces_an_input_or_another_output(raw, tmp_path):
+    photos = sorted((raw / "train").glob("*.jpeg"))
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    shutil.copy(photos[0], a / "10_left.jpeg")
+    shutil.copy(photos[1], b / "10_left.jpeg")  # the same stem, another photo
+    shutil.copy(photos[2], a / "contact_sheet.jpeg")  # a photo named like the sheet
+    originals = {p: _sha(p) for p in [*a.iterdir(), *b.iterdir()]}
+
+    # --out = a source folder (or inside one): refused, the photographs untouched
+    for out in (a, a / "sub"):
+        r = drpipe("preview", a, b, "--out", out, "--size", "64")
+        no_traceback(r)
+        assert r.returncode == 2 and "source" in r.stderr, r.stderr
+    r = drpipe("preview", a / "10_left.jpeg", "--out", a, "--size", "64")
+    assert r.returncode == 2, r.stderr
+    assert {p: _sha(p) for p in originals} == originals and not (a / "sub").exists()
+
+    out = tmp_path / "p"
+    out.mkdir()
+    (out / "10_left.jpeg").write_bytes(b"a user's file")  # in --out before preview ran
+    r = drpipe("preview", a, b, "--out", out, "--size", "64")
+    assert r.returncode == 0, r.stderr
+    assert (out / "10_left.jpeg").read_bytes() == b"a user's file"
+    made = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    # three photos and one sheet, four distinct files besides the user's
+    assert len(made) == 5 and "contact_sheet.jpeg" in made, made
+    import cv2
+
+    sheet = cv2.imread(str(out / "contact_sheet.jpeg"))
+    assert sheet.shape[1] == 3 * 512  # the sheet, not a photo written over it
+    outputs = [cv2.imread(str(out / n)) for n in made if n not in
+               ("contact_sheet.jpeg", "10_left.jpeg")]
+    assert [o.shape for o in outputs] == [(64, 64, 3)] * 3
+    assert len({o.tobytes() for o in outputs}) == 3  # three different photos kept
+    # a second preview replaces its own outputs, still not the user's file
+    r = drpipe("preview", a, b, "--out", out, "--size", "48")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == made
+    assert (out / "10_left.jpeg").read_bytes() == b"a user's file"
+
+
+# ------------------------------------------------------------------ synth (A3)
+
+
+def test_synth_refuses_a_folder_it_did_not_write(raw, tmp_path):
+    real = _copy_dataset(raw, tmp_path / "real")
+    before = {p: _sha(p) for p in real.rglob("*") if p.is_file()}
+    r = drpipe("synth", "--out", real, "--n", "4", "--quiet")
+    no_traceback(r)
+    assert r.returncode == 2 and "not the output of drpipe synth" in r.stderr, r.stderr
+    assert {p: _sha(p) for p in real.rglob("*") if p.is_file()} == before
+    # an earlier synth's output may be replaced, and its photos that the new one does not
+    # make are removed (they would be photos without labels)
+    out = tmp_path / "demo"
+    drpipe("synth", "--out", out, "--n", "6", "--quiet", check=True)
+    drpipe("synth", "--out", out, "--n", "4", "--quiet", check=True)
+    assert len(list((out / "train").glob("*.jpeg"))) == 4
+    assert len((out / "trainLabels.csv").read_text().splitlines()) == 5
+    (out / "mine.txt").write_text("x")  # files the user adds are kept
+    drpipe("synth", "--out", out, "--n", "4", "--seed", "1", "--quiet", check=True)
+    assert (out / "mine.txt").read_text() == "x"
+
+
+def _copy_dataset(raw: Path, to: Path) -> Path:
+    shutil.copytree(raw, to, ignore=shutil.ignore_patterns(".drpipe-*"))
+    return to
