@@ -170,3 +170,44 @@ def test_synth_refuses_a_folder_it_did_not_write(raw, tmp_path):
 def _copy_dataset(raw: Path, to: Path) -> Path:
     shutil.copytree(raw, to, ignore=shutil.ignore_patterns(".drpipe-*"))
     return to
+
+
+# ------------------------------------------------------------------ export, explain (A1, A5)
+# Fast checks of the decisions; tests/training/test_outputs.py runs them on a trained run.
+
+
+def test_export_refuses_an_existing_folder_before_loading_anything(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("x")
+    run = tmp_path / "run"
+    run.mkdir()
+    r = drpipe("export", run, "--out", mine)
+    no_traceback(r)
+    assert r.returncode == 2 and "not an earlier drpipe export" in r.stderr, r.stderr
+    assert (mine / "notes.txt").read_text() == "x"
+    r = drpipe("export", run, "--out", ".", cwd=tmp_path)
+    assert r.returncode == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["mine", "run"]
+
+
+def test_explain_targets_never_collide_and_writes_are_checked(tmp_path):
+    import numpy as np
+
+    from training.explain import ExplainError, plan_targets, write_panel
+
+    a, b = tmp_path / "a" / "p.jpeg", tmp_path / "b" / "p.jpeg"
+    out = tmp_path / "maps"
+    out.mkdir()
+    (out / "p_gradcam.png").write_bytes(b"a user's file")
+    targets = plan_targets([a, b], out)
+    assert [t.name for t in targets] == ["p~2_gradcam.png", "p~3_gradcam.png"]
+    assert plan_targets([a], tmp_path / "x.jpg") == [tmp_path / "x.jpg"]  # a file
+    with pytest.raises(ExplainError, match="one image file"):
+        plan_targets([a, b], tmp_path / "x.png")
+    panel = np.zeros((8, 16, 3), np.uint8)
+    write_panel(tmp_path / "x.jpg", panel)
+    assert (tmp_path / "x.jpg").read_bytes()[:2] == b"\xff\xd8"  # a JPEG, as named
+    with pytest.raises(ExplainError, match="cannot write .*No such file"):
+        write_panel(tmp_path / "no" / "x.png", panel)
+    with pytest.raises(ExplainError, match="cannot write .*too long"):
+        write_panel(tmp_path / ("n" * 260 + ".png"), panel)

@@ -21,9 +21,16 @@ def made(tmp_path_factory) -> Path:
     drpipe("synth", "--out", d / "raw", "--n", 24, "--seed", 8, "--quiet")
     drpipe("preprocess", "--src", d / "raw", "--out", d / "shards", "--size", 64,
            "--split", "train=0.5,val=0.5", "--workers", 1, "--quiet")
-    drpipe("train", "--data", d / "shards", "--model", "cnn-small", "--image-size", 32,
-           "--epochs", 1, "--batch-size", 8, "--out", d / "run", "--precise-bn", 0)
+    r = drpipe("train", "--data", d / "shards", "--model", "cnn-small", "--image-size", 32,
+               "--epochs", 1, "--batch-size", 8, "--out", d / "run", "--precise-bn", 0)
+    (d / "train.stderr").write_text(r.stderr)
     return d
+
+
+def test_train_prints_no_tensorflow_start_up_lines(made):
+    err = (made / "train.stderr").read_text()
+    for noise in ("absl::InitializeLog", "cudart_stub", "cuInit", "oneDNN"):
+        assert noise not in err, err[:2000]
 
 
 def _tree(d: Path) -> dict[str, str]:
@@ -50,6 +57,7 @@ def test_export_refuses_a_folder_that_is_not_an_export(made, tmp_path):
     assert r.returncode == 2 and other.read_bytes() == b"not ours"
 
 
+@pytest.mark.slow  # two exports, ~50 s
 def test_export_replaces_its_own_earlier_export(made, tmp_path):
     out = tmp_path / "m.tflite"
     drpipe("export", made / "run", "--format", "tflite", "--out", out)
@@ -58,6 +66,7 @@ def test_export_replaces_its_own_earlier_export(made, tmp_path):
     assert out.stat().st_mtime_ns > first and out.read_bytes()[4:8] == b"TFL3"
 
 
+@pytest.mark.slow  # four TensorFlow starts, ~70 s
 def test_explain_checks_every_write_and_never_collides(made, tmp_path):
     import cv2
 
