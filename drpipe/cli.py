@@ -200,6 +200,9 @@ def preview(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_megap
 
     Writes OUT/{id}.jpeg for each photo, a before/after OUT/contact_sheet.jpeg (original
     with the fitted retina circle | processed), and lists rejected files with their reasons.
+    Nothing is written over an input or a file no preview wrote: OUT may not be (or lie in)
+    a source folder (exit 2), and a name already taken (two photos with one stem, a file in
+    OUT) gets the next free one, {id}~2.jpeg.
     """
     from tqdm import tqdm
 
@@ -866,10 +869,6 @@ def run() -> None:
     install()  # TensorFlow's native start-up lines hidden unless DRPIPE_TF_LOGS=1
     try:
         main(standalone_mode=True)
-    except KeyboardInterrupt:
-        click.echo("drpipe: interrupted; what was committed is kept (re-run the same command "
-                   "to resume)", err=True)
-        sys.exit(130)
     except Exception as e:  # noqa: BLE001
         if os.environ.get("DRPIPE_DEBUG"):
             raise
