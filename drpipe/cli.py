@@ -34,6 +34,18 @@ class InputDataError(DrpipeError):
     exit_code = 3
 
 
+class Interrupted(DrpipeError):
+    """Ctrl-C (SIGINT): one line, exit code 130 (128 + SIGINT), as shells expect."""
+
+    exit_code = 130
+
+
+class RefusedError(DrpipeError):
+    """An output that would replace or delete what drpipe did not create: one line, exit 2."""
+
+    exit_code = 2
+
+
 def _load_config_file(ctx, param, value):
     """--config FILE: TOML whose keys are option names (dashes or underscores); command-line
     options override it."""
@@ -121,6 +133,10 @@ def _process_options(f):
                      show_default=True,
                      help="Reject photos larger than this, from their header, before decoding "
                           "(too_large: decompression bombs).")(f)
+    f = click.option("--max-file-mb", type=click.FloatRange(0.001), default=256.0,
+                     show_default=True,
+                     help="Reject files larger than this before reading them (too_large: "
+                          "a padded or wrong file would take a worker's memory).")(f)
     f = click.option("--clahe-tiles", type=click.IntRange(1, 64), default=8, show_default=True,
                       help="CLAHE tile grid (N x N).")(f)
     f = click.option("--clahe-clip", type=click.FloatRange(0.1, 100), default=2.0,
@@ -134,7 +150,7 @@ def _process_options(f):
 
 
 def make_process_config(size, filter_, quality, clahe_clip, clahe_tiles, max_megapixels=100.0,
-                        min_side=128, fmt="jpeg"):
+                        min_side=128, fmt="jpeg", max_file_mb=256.0):
     from pipeline.filters import FilterParams, get_filter
     from pipeline.process import ProcessConfig
 
@@ -145,7 +161,7 @@ def make_process_config(size, filter_, quality, clahe_clip, clahe_tiles, max_meg
         raise click.BadParameter(str(e), param_hint="--filter") from None
     return ProcessConfig(size=size, filter=filter_, format=fmt, quality=quality,
                          filter_params=params, max_pixels=round(max_megapixels * 1e6),
-                         min_side=min_side)
+                         min_side=min_side, max_bytes=round(max_file_mb * 2**20))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -167,7 +183,11 @@ def main():
       drpipe report --run runs/first --out report.html
 
     Exit codes: 0 done (rejected photos are listed, not failures), 1 the run failed,
-    2 usage error, 3 bad input data (labels, source layout).
+    2 usage error (or an --out drpipe may not write over), 3 bad input data (labels, source
+    layout), 130 interrupted (Ctrl-C; re-run to resume).
+
+    TensorFlow's start-up logging (absl, oneDNN, CUDA probes) is hidden; DRPIPE_TF_LOGS=1
+    shows it.
     """
     _need_training_stack(click.get_current_context().invoked_subcommand)
 
@@ -203,6 +223,9 @@ def _need_training_stack(command: str | None) -> None:
 def synth(out: Path, n: int, seed: int, quiet: bool):
     """Write a deterministic synthetic fundus dataset in the Kaggle/EyePACS layout.
 
+    OUT must be new, empty, or an earlier synth's output (a folder holding anything else,
+    e.g. a real dataset, is refused: exit 2).
+
     Discs on black with varied frame sizes, clipping, off-centre placement, exposure, notch
     markers, vessels, glare, and lesions whose number grows with the grade (0-4). The same
     --n and --seed always give the same bytes.
@@ -214,8 +237,13 @@ def synth(out: Path, n: int, seed: int, quiet: bool):
     if n % 2:
         raise click.BadParameter(f"must be even (two eyes per patient), got {n}",
                                  param_hint="--n")
-    with tqdm(total=n, unit="photo", desc="synth", disable=quiet or None) as bar:
-        truth = synth_dataset(out, n=n, seed=seed, progress=bar.update)
+    from pipeline.outputs import OutputRefused
+
+    try:
+        with tqdm(total=n, unit="photo", desc="synth", disable=quiet or None) as bar:
+            truth = synth_dataset(out, n=n, seed=seed, progress=bar.update)
+    except OutputRefused as e:
+        raise RefusedError(str(e)) from None
     counts = [sum(p.level == g for p in truth) for g in range(5)]
     click.echo(f"wrote {len(truth)} photos of {len(truth) // 2} patients to {out}/train, "
                f"labels in {out}/trainLabels.csv; grades 0-4: "
@@ -231,11 +259,14 @@ def synth(out: Path, n: int, seed: int, quiet: bool):
 @click.option("--limit", type=click.IntRange(1), default=None,
               help="Process at most this many photos (folders are read in name order).")
 def preview(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_megapixels, min_side,
-            limit):
+            limit, max_file_mb):
     """Process SRC photos (files or folders) in this process, for a quick visual check.
 
     Writes OUT/{id}.jpeg for each photo, a before/after OUT/contact_sheet.jpeg (original
     with the fitted retina circle | processed), and lists rejected files with their reasons.
+    Nothing is written over an input or a file no preview wrote: OUT may not be (or lie in)
+    a source folder (exit 2), and a name already taken (two photos with one stem, a file in
+    OUT) gets the next free one, {id}~2.jpeg.
     """
     from tqdm import tqdm
 
@@ -245,26 +276,43 @@ def preview(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_megap
     from pipeline.sources import expand_photo_paths
 
     cfg = make_process_config(size, filter_, quality, clahe_clip, clahe_tiles, max_megapixels,
-                              min_side)
+                              min_side, max_file_mb=max_file_mb)
     files = expand_photo_paths(src)[:limit]
     if not files:
         raise click.UsageError("no photos found in " + ", ".join(map(str, src)))
+    from pipeline.outputs import OutputRefused, check_not_an_input
+    from pipeline.preview import plan_outputs, record_outputs
+    from tfrecord_writer.writer import atomic_write_bytes
+
+    try:
+        check_not_an_input(out, src)
+    except OutputRefused as e:
+        raise RefusedError(str(e)) from None
     out.mkdir(parents=True, exist_ok=True)
-    entries, rejected = [], []
-    for path in tqdm(files, unit="photo", desc="preview", disable=None):
+    sheet_name, names = plan_outputs(out, files)
+    entries, rejected, written = [], [], []
+    for path, name in zip(tqdm(files, unit="photo", desc="preview", disable=None), names,
+                          strict=True):
         image_id = path.stem
-        data = read_photo(path)
+        data = read_photo(path, cfg.max_bytes)
         result = data if isinstance(data, Rejection) else prepare_or_reject(data, cfg)
         if hasattr(result, "image"):
-            (out / f"{image_id}.jpeg").write_bytes(encode(result.image, "jpeg", quality))
+            record_outputs(out, [name])  # before the write: a kill leaves it ours
+            atomic_write_bytes(out / name, encode(result.image, "jpeg", quality))
+            written.append(name)
         else:
             rejected.append((path, result))
         entries.append(SheetEntry(image_id, result))
     sheet = contact_sheet(entries)
-    (out / "contact_sheet.jpeg").write_bytes(encode(sheet, "jpeg", 90))
+    record_outputs(out, [sheet_name])
+    atomic_write_bytes(out / sheet_name, encode(sheet, "jpeg", 90))
     ok = len(files) - len(rejected)
     click.echo(f"processed {ok} of {len(files)} photos into {out}/ "
-               f"(contact sheet: {out / 'contact_sheet.jpeg'})")
+               f"(contact sheet: {out / sheet_name})")
+    renamed = [(p, n) for p, n in zip(files, names, strict=True)
+               if n != f"{p.stem}.jpeg" and n in written]
+    for p, n in renamed:
+        click.echo(f"  {p} -> {out / n} (its name was taken)")
     if rejected:
         click.echo(f"rejected {len(rejected)}:")
         for path, rej in rejected:
@@ -317,6 +365,9 @@ def preview(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_megap
               help="--labels: patient id column [default: from {patient}_{left|right} names].")
 @click.option("--limit", type=click.IntRange(1), default=None,
               help="A trial on the first N photos (in id order).")
+@click.option("--follow-links", is_flag=True,
+              help="Read photos through symlinks (of files or folders) that lead outside "
+                   "--src [default: rejected outside_source].")
 @click.option("--strict", is_flag=True, help="Fail (exit 1) if any photo is rejected.")
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing output made with another configuration.")
@@ -326,7 +377,7 @@ def preview(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_megap
 def preprocess(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_megapixels,
                min_side, fmt, split_spec, seed, shard_size, workers, scheduler, source_kind,
                labels, id_col, label_col, patient_col, limit, strict, overwrite, quiet,
-               summary_json, storage_options):
+               summary_json, storage_options, max_file_mb, follow_links):
     """Verify, crop, resize and filter every photo in parallel on Dask, split patients
     safely, and write sharded TFRecords with a manifest that accounts for every photo.
 
@@ -355,10 +406,12 @@ def preprocess(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_me
         raise click.BadParameter(str(e), param_hint="--split") from None
     cfg = JobConfig(src=str(src), out=str(out),
                     process=make_process_config(size, filter_, quality, clahe_clip,
-                                                clahe_tiles, max_megapixels, min_side, fmt),
+                                                clahe_tiles, max_megapixels, min_side, fmt,
+                                                max_file_mb),
                     split=ratios, seed=seed, shard_size_mb=shard_size,
                     source_kind=source_kind, labels=str(labels) if labels else None,
-                    id_col=id_col, label_col=label_col, patient_col=patient_col, limit=limit)
+                    id_col=id_col, label_col=label_col, patient_col=patient_col, limit=limit,
+                    follow_links=follow_links)
     opts = RunOptions(workers=workers, scheduler=scheduler, strict=strict,
                       overwrite=overwrite, quiet=quiet)
 
@@ -367,6 +420,9 @@ def preprocess(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_me
                     disable=True if quiet else None, smoothing=0.1)
     try:
         summary = run_job(cfg, opts, progress_factory=bar)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; what was committed to {out} is kept (re-run the same "
+                          "command to resume)") from None
     except (LabelError, SourceError) as e:
         raise InputDataError(str(e)) from None
     except JobError as e:
@@ -423,6 +479,7 @@ def split(labels, id_col, label_col, patient_col, split_spec, seed, out):
     import csv
     import io
 
+    from pipeline.outputs import csv_cell
     from pipeline.sources import LabelError, read_labels
     from pipeline.split import assign_splits, parse_split_spec
     from tfrecord_writer.writer import atomic_write_bytes
@@ -452,7 +509,8 @@ def split(labels, id_col, label_col, patient_col, split_spec, seed, out):
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(header)
     for r in sorted(rows, key=lambda r: r.image_id):
-        w.writerow([r.image_id, r.patient_id, r.eye, r.label, assignment[r.image_id]])
+        w.writerow([csv_cell(r.image_id), csv_cell(r.patient_id), r.eye, r.label,
+                    assignment[r.image_id]])
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out, buf.getvalue().encode())
@@ -672,7 +730,8 @@ def predict(run, sources, out, checkpoint, exported):
 @click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True,
-              help="A .png file for one photo, else a directory ({id}_gradcam.png each).")
+              help="A .png (or .jpg) file for one photo, else a directory "
+                   "({id}_gradcam.png each; photos sharing a name get {id}~2_gradcam.png).")
 @click.option("--class", "class_index", type=click.IntRange(0, 4), default=None,
               help="Grade to explain [default: the predicted one].")
 def explain(run, images, out, class_index):
@@ -681,11 +740,17 @@ def explain(run, images, out, class_index):
     import os
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from training.explain import explain_photos
+    from pipeline.sources import expand_photo_paths
+    from training.explain import ExplainError, explain_photos, plan_targets
 
     if not (run / "model.keras").exists():
         raise DrpipeError(f"{run}: no model.keras (is the run finished?)")
-    for target, result in explain_photos(run, images, out, class_index):
+    try:
+        plan_targets(expand_photo_paths(images), out)  # before the model loads
+        results = explain_photos(run, images, out, class_index)
+    except ExplainError as e:
+        raise DrpipeError(str(e)) from None
+    for target, result in results:
         if isinstance(result, tuple):
             click.echo(f"{target}: grade {result[0]}")
         else:
@@ -761,15 +826,19 @@ def export(run, fmt, quantize, out, checkpoint, threads):
     grades, largest output difference) and writes OUT's settings, preprocessing and those
     numbers to a .export.json beside it. Input: float32 [n, S, S, 3] RGB in [0, 255], the
     processed photo (drpipe predict makes it from a raw photo).
+
+    An existing OUT is replaced only if it is an earlier export (anything else: exit 2).
     """
     import os
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from training.export import ExportError
+    from training.export import ExportError, ExportTargetRefused
     from training.export import export as run_export
 
     try:
         r = run_export(run, fmt, out, quantize, checkpoint, threads=threads, log=click.echo)
+    except ExportTargetRefused as e:
+        raise RefusedError(str(e)) from None
     except ExportError as e:
         raise DrpipeError(str(e)) from None
     click.echo(r.summary())
@@ -909,6 +978,9 @@ def run() -> None:
     (DRPIPE_DEBUG=1 shows it)."""
     import os
 
+    from drpipe.tflogs import install
+
+    install()  # TensorFlow's native start-up lines hidden unless DRPIPE_TF_LOGS=1
     try:
         main(standalone_mode=True)
     except Exception as e:  # noqa: BLE001

@@ -56,6 +56,14 @@ def _esc(v) -> str:
     return html.escape(str(v))
 
 
+def _f3(v) -> str:
+    """A score as 0.123, or (a file edited by hand) the value itself, escaped."""
+    try:
+        return f"{float(v):.3f}"
+    except (TypeError, ValueError):
+        return _esc(v)
+
+
 def _table(header: list, rows: list[list], cls: str = "") -> str:
     head = "".join(f"<th>{_esc(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in r) + "</tr>" for r in rows)
@@ -63,7 +71,7 @@ def _table(header: list, rows: list[list], cls: str = "") -> str:
 
 
 def _figure(src: str, caption: str, fig_id: str) -> str:
-    return (f'<figure id="{fig_id}"><img src="{src}" alt="{_esc(caption)}">'
+    return (f'<figure id="{_esc(fig_id)}"><img src="{_esc(src)}" alt="{_esc(caption)}">'
             f"<figcaption>{_esc(caption)}</figcaption></figure>")
 
 
@@ -195,22 +203,26 @@ def metrics_block(m: dict, fig_id: str) -> str:
     from training.fit import plot_confusion
 
     buf = io.BytesIO()
-    plot_confusion(m, buf)
+    try:  # a hand-edited metrics file: the plot shows what is a number
+        kappa = float(m.get("quadratic_kappa"))
+    except (TypeError, ValueError):
+        kappa = None
+    plot_confusion({**m, "quadratic_kappa": kappa}, buf)
     src = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-    head = (f"<h3>{_esc(m.get('split', ''))} split: n = {m.get('n')}, quadratic kappa "
-            f"<b>{m['quadratic_kappa']:.3f}</b>, accuracy {m['accuracy']:.3f}")
+    head = (f"<h3>{_esc(m.get('split', ''))} split: n = {_esc(m.get('n'))}, quadratic kappa "
+            f"<b>{_f3(m['quadratic_kappa'])}</b>, accuracy {_f3(m['accuracy'])}")
     if "majority_baseline_accuracy" in m:
-        head += f" (always the majority grade: {m['majority_baseline_accuracy']:.3f})"
+        head += f" (always the majority grade: {_f3(m['majority_baseline_accuracy'])})"
     if "auc" in m:
-        head += (f", AUC {m['auc']:.3f}, sensitivity {m['sensitivity']:.3f}, "
-                 f"specificity {m['specificity']:.3f}")
+        head += (f", AUC {_f3(m['auc'])}, sensitivity {_f3(m['sensitivity'])}, "
+                 f"specificity {_f3(m['specificity'])}")
     head += "</h3>"
     out = head + _figure(src, f"confusion matrix, {m.get('split', '')}", f"fig-confusion-{fig_id}")
     pc = m.get("per_class")
     if pc:
         out += _table(["grade", "precision", "recall", "F1", "photos"],
-                      [[GRADES[g], f"{pc['precision'][g]:.3f}", f"{pc['recall'][g]:.3f}",
-                        f"{pc['f1'][g]:.3f}", pc["support"][g]] for g in range(5)])
+                      [[GRADES[g], _f3(pc['precision'][g]), _f3(pc['recall'][g]),
+                        _f3(pc['f1'][g]), pc["support"][g]] for g in range(5)])
     return out
 
 
@@ -280,7 +292,7 @@ def build(data: str | Path, runs: list[str | Path] = (), per_grade: int = 8,
         _table(["split", *GRADES, "photos", "% per grade"], count_rows),
         _figure(grade_chart(counts), "grade distribution per split", "fig-grades"),
         '<h2 id="rejections">Rejected photos</h2>', rejection_section(manifest),
-        f'<h2 id="examples">Processed examples per grade ({", ".join(splits)})</h2>',
+        f'<h2 id="examples">Processed examples per grade ({_esc(", ".join(splits))})</h2>',
         examples_section(examples),
     ]
     for i, run in enumerate(run_paths):

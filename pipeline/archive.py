@@ -138,9 +138,14 @@ class MemberReader:
         self.storage_options = dict(storage.OPTIONS if storage_options is None
                                     else storage_options)
 
-    def read(self, name: str) -> bytes | Rejection:
-        """The member's bytes, checked against its CRC-32 and size, or why not. Never raises."""
+    def read(self, name: str, max_bytes: int | None = None) -> bytes | Rejection:
+        """The member's bytes, checked against its CRC-32 and size, or why not. Never raises.
+        A member larger than ``max_bytes`` is ``too_large`` from the directory, unread."""
         offset, csize, usize, method, crc, flags = self.members[name]
+        if max_bytes is not None and max(usize, csize) > max_bytes:
+            return Rejection("too_large", f"archive member of {usize / 2**20:.0f} MB, over "
+                                          f"the {max_bytes / 2**20:.0f} MB limit "
+                                          "(--max-file-mb)")
         if flags & 0x1:
             return Rejection("unreadable", "encrypted archive member")
         if method not in METHODS:
@@ -423,8 +428,8 @@ class BatchReader:
         self.readers = readers
         self.where = where
 
-    def read(self, path: str) -> bytes | Rejection:
-        return self.readers[self.where[path]].read(path)
+    def read(self, path: str, max_bytes: int | None = None) -> bytes | Rejection:
+        return self.readers[self.where[path]].read(path, max_bytes)
 
 
 KAGGLE_ARCHIVES = (("train.zip", "train", "trainLabels.csv", None),

@@ -46,6 +46,7 @@ from tfrecord_writer import info as output_info
 from tfrecord_writer.example import serialize_example
 from tfrecord_writer.schema import FEATURES, Record
 from tfrecord_writer.writer import (
+    TMP_SUFFIX,
     ShardWriter,
     atomic_write_bytes,
     plan_shards,
@@ -82,6 +83,7 @@ class JobConfig:
     label_col: str = "level"
     patient_col: str | None = None
     limit: int | None = None
+    follow_links: bool = False  # read symlinks that lead outside src (else outside_source)
 
     def output_config(self) -> dict:
         """The configuration as stored with the data (paths made absolute)."""
@@ -115,9 +117,13 @@ class RunOptions:
 # ---------------------------------------------------------------------------- worker side
 
 
-def process_batch(root: str, items: list[dict], config: ProcessConfig) -> dict:
+def process_batch(root: str, items: list[dict], config: ProcessConfig,
+                  confine: bool = True) -> dict:
     """Process photos on a worker. Returns {"rows": [...], "records": [bytes|None, ...],
-    "maxrss_mb": float, "tensorflow_loaded": bool}. Never raises for a bad photo."""
+    "maxrss_mb": float, "tensorflow_loaded": bool}. Never raises for a bad photo.
+
+    ``confine``: a photo whose path (through symlinks, of files or folders) leads outside
+    ``root`` is rejected ``outside_source`` without being read."""
     import resource
 
     import cv2
@@ -125,11 +131,13 @@ def process_batch(root: str, items: list[dict], config: ProcessConfig) -> dict:
     cv2.setNumThreads(1)  # one task per worker process: no oversubscription
     rows, records = [], []
     for it in items:
-        row = dict(it, status="ok", reason="", sha256="", bytes=None, width=None,
-                   height=None, retina_cx=None, retina_cy=None, retina_r=None)
+        row = _blank_row(it)
         record = None
-        data = (root.read(it["path"]) if hasattr(root, "read")  # an archive member
-                else read_photo(Path(root, it["path"])))
+        if hasattr(root, "read"):  # an archive member or an object in a store
+            data = root.read(it["path"], config.max_bytes)
+        else:
+            data = (outside_source(root, it["path"]) if confine else None) or read_photo(
+                Path(root, it["path"]), config.max_bytes)
         if isinstance(data, Rejection):
             result = data
         else:
@@ -154,6 +162,24 @@ def process_batch(root: str, items: list[dict], config: ProcessConfig) -> dict:
     return {"rows": rows, "records": records,
             "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "tensorflow_loaded": "tensorflow" in sys.modules}
+
+
+def _blank_row(it: dict) -> dict:
+    return dict(it, status="ok", reason="", sha256="", bytes=None, width=None, height=None,
+                retina_cx=None, retina_cy=None, retina_r=None)
+
+
+def outside_source(root: str, rel: str) -> Rejection | None:
+    """The rejection of a path under ``root`` that resolves (through symlinks) outside it;
+    None for a path inside, or a broken link (reported as unreadable when read)."""
+    path = os.path.join(root, rel)
+    if not os.path.exists(path):
+        return None
+    real, top = os.path.realpath(path), os.path.realpath(root)
+    if os.path.commonpath([real, top]) == top:
+        return None
+    return Rejection("outside_source", f"a symlink to {real}, outside the source folder "
+                                       "(--follow-links reads it)")
 
 
 # ---------------------------------------------------------------------------- client side
@@ -200,41 +226,101 @@ def _input_fingerprint(source: Source, photos) -> str:
 
 
 def _prepare_out(out: Path, state: dict, overwrite: bool) -> bool:
-    """Check ``out`` against this run. Returns True if the run is already complete."""
+    """Check ``out`` against this run. Returns True if the run is already complete.
+
+    Only files a drpipe run recorded as its own (OWN_FILES, and the shards listed in the
+    state file or dataset_info.json) are ever kept, replaced or removed: any other
+    ``*.tfrecord`` in ``out`` would be read as part of the dataset, so it is refused."""
     state_path = out / STATE_FILE
-    if state_path.exists():
-        try:
-            old = json.loads(state_path.read_text())
-        except (OSError, ValueError):
-            old = {}
+    old = _read_json(state_path) if state_path.exists() else None
+    recorded = _recorded_shards(out, old or {})
+    stray = sorted(p.name for p in out.glob("*.tfrecord") if p.name not in recorded)
+    if stray:
+        raise JobError(f"{out} holds {stray[0]}" + (f" and {len(stray) - 1} more shard(s)"
+                       if len(stray) > 1 else "") + " that no drpipe run recorded writing "
+                       "here; move them away or choose another --out")
+    if old is not None:
         same = (old.get("config_hash") == state["config_hash"]
                 and old.get("input_hash") == state["input_hash"])
         if same and not overwrite:
+            state["shards"] = old.get("shards", {})
             return (out / INFO_FILE).exists()
         if not overwrite:
             what = ("configuration" if old.get("config_hash") != state["config_hash"]
                     else "input photos or labels")
             raise JobError(f"{out} holds a run with a different {what}; use --overwrite to "
                            "replace it, or choose another --out")
-        _clear(out)
+        _clear(out, recorded)
     else:
         foreign = [p.name for p in out.iterdir() if p.name not in OWN_FILES
-                   and not p.name.endswith(".tfrecord") and not p.name.endswith(".tmp")]
+                   and not p.name.endswith(TMP_SUFFIX) and p.name not in recorded]
         if foreign and not overwrite:
             raise JobError(f"{out} is not empty and not a drpipe output ({foreign[0]}, ...); "
                            "choose an empty --out")
         if overwrite:
-            _clear(out)
+            _clear(out, recorded)
+    state["shards"] = {}
     atomic_write_bytes(state_path, json.dumps(state, indent=2, sort_keys=True).encode())
     return False
 
 
-def _clear(out: Path) -> None:
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _recorded_shards(out: Path, old_state: dict) -> set[str]:
+    """Shard names a drpipe run recorded writing into ``out``: the state file's (written
+    as each shard is committed) and a finished run's dataset_info.json."""
+    names = set(old_state.get("shards") or {})
+    info = _read_json(out / INFO_FILE) if (out / INFO_FILE).exists() else {}
+    for split in (info.get("splits") or {}).values():
+        names.update(f.get("name") for f in split.get("shards", []) if isinstance(f, dict))
+    return {n for n in names if isinstance(n, str) and "/" not in n}
+
+
+def _clear(out: Path, recorded: set[str]) -> None:
     for p in out.iterdir():
         if p.name == LOCK_FILE:
             continue
-        if p.name in OWN_FILES or p.name.endswith((".tfrecord", ".tmp")):
+        if p.name in OWN_FILES or p.name in recorded or (
+                p.name.startswith(".") and p.name.endswith(TMP_SUFFIX)):
             shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _record_shard(out: Path, state: dict, name: str) -> dict:
+    """Note a committed shard in the state file (before anything else relies on it)."""
+    path = out / name
+    entry = {"bytes": path.stat().st_size, "sha256": _file_sha256(path)}
+    state.setdefault("shards", {})[name] = entry
+    atomic_write_bytes(out / STATE_FILE, json.dumps(state, indent=2, sort_keys=True).encode())
+    return entry
+
+
+def _plan_shard(out: Path, state: dict, name: str) -> None:
+    state.setdefault("shards", {})[name] = {}
+    atomic_write_bytes(out / STATE_FILE, json.dumps(state, indent=2, sort_keys=True).encode())
+
+
+def _own_shard_intact(out: Path, state: dict, name: str) -> bool:
+    """A shard is kept on resume only if this run recorded writing it and its bytes are
+    the ones recorded."""
+    entry = (state.get("shards") or {}).get(name)
+    path = out / name
+    if not entry or not path.is_file() or path.stat().st_size != entry.get("bytes"):
+        return False
+    return _file_sha256(path) == entry.get("sha256")
 
 
 def _start_client(opts: RunOptions):
@@ -253,8 +339,16 @@ def _start_client(opts: RunOptions):
     n = opts.workers or os.cpu_count() or 1
     # The scheduler serves HTTP (health, metrics) even without a dashboard; on localhost and
     # any free port it neither collides with another cluster's 8787 nor faces the network.
-    cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                           dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR)
+    # Workers start with SIGINT ignored (inherited): a Ctrl-C in the terminal reaches the
+    # whole process group, and only this process should answer it (one line, exit 130).
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                               dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     return Client(cluster), cluster
 
 
@@ -348,7 +442,7 @@ def _run(config: JobConfig, opts: RunOptions, progress_factory) -> dict:
         _flag_duplicates(rows)
         for row in rows:  # rejected photos show the split they would have been in
             row["split"] = splits.get(row["image_id"], "")
-        shards = _write_shards(rows, config, out, staging)
+        shards = _write_shards(rows, config, out, staging, state)
         for r in missing:
             rows.append({"image_id": r.image_id, "path": "", "patient_id": r.patient_id,
                          "eye": r.eye, "label": r.label, "origin": r.origin,
@@ -392,7 +486,7 @@ def _process_batches(batches, todo, root, config, opts, staging, progress_factor
             if k is None:
                 return
             f = client.submit(process_batch, _task_root(root, batches[k]), batches[k],
-                              config.process,
+                              config.process, not config.follow_links,
                               key=f"drpipe-batch-{key}-{k}", retries=2, pure=False)
             futures[f] = k
             ac.add(f)
@@ -404,9 +498,13 @@ def _process_batches(batches, todo, root, config, opts, staging, progress_factor
             k = futures.pop(f)
             try:
                 result = f.result()
-            except Exception as e:  # noqa: BLE001 - a lost batch after retries
+            except (OSError, TimeoutError) as e:  # the cluster itself is gone
                 raise JobError(f"batch {k} failed on the cluster after retries: "
                                f"{type(e).__name__}: {e}") from None
+            except Exception as e:  # noqa: BLE001 - KilledWorker after retries, mostly
+                # A worker died on this batch (out of memory?) or it failed: retry it photo
+                # by photo, and reject only the photo(s) that still fail, with the reason.
+                result = _isolate(client, root, batches[k], config, f"{key}-{k}", e)
             _commit_batch(staging, k, result)
             f.release()
             if bar:
@@ -425,6 +523,34 @@ def _task_root(root, batch):
     return root.batch([it["path"] for it in batch]) if hasattr(root, "batch") else str(root)
 
 
+def _isolate(client, root, items, config, key, error) -> dict:
+    """``process_batch``'s result for a batch whose task failed: each photo on its own task;
+    one that fails again (a worker killed reading or decoding it) is rejected, named."""
+    from distributed import wait
+
+    futures = [client.submit(process_batch, _task_root(root, [it]), [it], config.process,
+                             not config.follow_links, key=f"drpipe-photo-{key}-{i}",
+                             retries=0, pure=False) for i, it in enumerate(items)]
+    wait(futures)
+    rows, records, rss, tf_loaded = [], [], 0.0, False
+    for it, f in zip(items, futures, strict=True):
+        try:
+            r = f.result()
+        except Exception as e:  # noqa: BLE001 - this photo is the one
+            what = ("worker_died: the worker processing this photo died (out of memory?); "
+                    f"{type(e).__name__}" if type(e).__name__ == "KilledWorker" else
+                    f"internal_error: {type(e).__name__}: {e}")
+            r = {"rows": [dict(_blank_row(it), status="rejected", reason=what)],
+                 "records": [None], "maxrss_mb": 0.0, "tensorflow_loaded": False}
+        finally:
+            f.release()
+        rows += r["rows"]
+        records += r["records"]
+        rss, tf_loaded = max(rss, r["maxrss_mb"]), tf_loaded or r["tensorflow_loaded"]
+    return {"rows": rows, "records": records, "maxrss_mb": rss, "tensorflow_loaded": tf_loaded,
+            "isolated_after": f"{type(error).__name__}: {error}"}
+
+
 def _flag_duplicates(rows: list[dict]) -> None:
     first: dict[str, str] = {}
     for row in sorted(rows, key=lambda r: r["image_id"]):
@@ -437,14 +563,16 @@ def _flag_duplicates(rows: list[dict]) -> None:
                 first[sha] = row["image_id"]
 
 
-def _write_shards(rows: list[dict], config: JobConfig, out: Path, staging: Path) -> dict:
+def _write_shards(rows: list[dict], config: JobConfig, out: Path, staging: Path,
+                  state: dict | None = None) -> dict:
     """Seeded order per split, size-based cuts, atomic writes. Returns per-split shard info
     and sets each row's ``shard``."""
     with _StagedRecords(staging) as staged:
-        return _write_split_shards(rows, config, out, staged)
+        return _write_split_shards(rows, config, out, staged,
+                                   state if state is not None else {"shards": {}})
 
 
-def _write_split_shards(rows, config, out, staged: _StagedRecords) -> dict:
+def _write_split_shards(rows, config, out, staged: _StagedRecords, state: dict) -> dict:
     target = int(config.shard_size_mb * 1024 * 1024)
     info = {}
     for split in config.split:
@@ -461,10 +589,14 @@ def _write_split_shards(rows, config, out, staged: _StagedRecords) -> dict:
             for r in these:
                 r["shard"] = name
             path = out / name
-            if not path.exists():  # committed shards of an interrupted run are identical
+            # Committed shards of an interrupted run are identical: kept, but only if this
+            # run recorded writing them and their bytes check out.
+            if not _own_shard_intact(out, state, name):
+                _plan_shard(out, state, name)  # a kill after the rename leaves it ours
                 with ShardWriter(path) as w:
                     for r in these:
                         w.write(staged.read(r))
+                _record_shard(out, state, name)
             files.append({"name": name, "records": len(these), "bytes": path.stat().st_size})
         info[split] = {"shards": files, "records": len(members)}
     return info

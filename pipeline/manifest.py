@@ -1,7 +1,9 @@
 """The manifest: one row per input photo (and per label without a photo), ok or rejected.
 
 Written as ``data_manifest.csv`` (sorted by image id, fixed float formatting, so the bytes
-are reproducible) and, with the same data typed, ``manifest.parquet``.
+are reproducible) and, with the same data typed, ``manifest.parquet``. In the CSV a text
+cell starting with ``= + - @``, tab or CR gets a leading ``'`` (OWASP CSV injection: a
+spreadsheet would run it as a formula); the Parquet file keeps every value exactly.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.outputs import csv_cell
 from tfrecord_writer.writer import atomic_write_bytes
 
 # (column, arrow type). Order is the CSV's column order.
@@ -44,6 +47,8 @@ def _cell(value) -> str:
         return ""
     if isinstance(value, float):
         return f"{value:.2f}"
+    if isinstance(value, str):
+        return csv_cell(value)  # an id like =HYPERLINK(...) is not run by a spreadsheet
     return str(value)
 
 

@@ -73,3 +73,28 @@ def _wrap(s: str, width: int) -> list[str]:
         else:
             cur = f"{cur} {word}".strip()
     return lines + ([cur] if cur else [])
+
+
+# ---------------------------------------------------------------- where the outputs go
+
+SHEET = "contact_sheet.jpeg"
+RECORD = ".drpipe-preview.json"  # the names earlier previews wrote here: theirs to replace
+
+
+def plan_outputs(out, files) -> tuple[str, list[str]]:
+    """(contact sheet name, one output name per photo). Never a name of another output of
+    this run (photos sharing a stem get ``{stem}~2.jpeg``), and never the name of a file in
+    ``out`` that no preview wrote (it gets the next free name instead)."""
+    from pathlib import Path
+
+    from pipeline.outputs import foreign_names, unique_names
+
+    foreign = foreign_names(Path(out), RECORD)
+    sheet = unique_names([Path(SHEET)], "{stem}.jpeg", reserved=foreign)[0]
+    return sheet, unique_names(files, "{stem}.jpeg", reserved=(*foreign, sheet))
+
+
+def record_outputs(out, names: list[str]) -> None:
+    from pipeline.outputs import record_names
+
+    record_names(out, RECORD, names)

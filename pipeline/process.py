@@ -18,6 +18,8 @@ from pipeline.encode import encode
 from pipeline.filters import FilterParams, get_filter
 from pipeline.retina import Circle, NoRetina, crop_to_retina, find_retina
 
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # a fundus photo is 0.1-20 MB; a padded one is not
+
 
 @dataclass(frozen=True)
 class ProcessConfig:
@@ -30,6 +32,7 @@ class ProcessConfig:
     filter_params: FilterParams = field(default_factory=FilterParams)
     max_pixels: int = dec.DEFAULT_MAX_PIXELS
     min_side: int = dec.DEFAULT_MIN_SIDE
+    max_bytes: int = DEFAULT_MAX_BYTES  # larger files are rejected before they are read
 
 
 @dataclass(frozen=True)
@@ -67,9 +70,11 @@ class ProcessedImage:
     decode_factor: int
 
 
-def read_photo(path) -> bytes | Rejection:
+def read_photo(path, max_bytes: int | None = DEFAULT_MAX_BYTES) -> bytes | Rejection:
     """A photo's bytes, or why they cannot be had. Only regular files are read: a FIFO or
-    device named like a photo would block the reader forever."""
+    device named like a photo would block the reader forever; a file over ``max_bytes`` is
+    rejected ``too_large`` from its size, before a byte is read (it could take a worker's
+    memory)."""
     import os
     import stat
 
@@ -79,6 +84,9 @@ def read_photo(path) -> bytes | Rejection:
             kind = "directory" if stat.S_ISDIR(st.st_mode) else "FIFO" if stat.S_ISFIFO(
                 st.st_mode) else "special file"
             return Rejection("unreadable", f"not a regular file ({kind})")
+        if max_bytes is not None and st.st_size > max_bytes:
+            return Rejection("too_large", f"file of {st.st_size / 2**20:.0f} MB, over the "
+                             f"{max_bytes / 2**20:g} MB limit (--max-file-mb)")
         with open(path, "rb") as f:
             return f.read()
     except OSError as e:

@@ -63,9 +63,18 @@ class StoreReader:
         size, etag = self.listing.get(path, (-1, ""))
         return f"{size}:{etag}"
 
-    def read(self, path: str) -> bytes | Rejection:
+    def read(self, path: str, max_bytes: int | None = None) -> bytes | Rejection:
+        """An object's bytes, or why not; one larger than ``max_bytes`` is ``too_large``
+        from its size (one HEAD request), unread. Never raises."""
+        url = f"{self.base}/{path}"
         try:
-            return storage.read_all(f"{self.base}/{path}", self.storage_options)
+            if max_bytes is not None:
+                n = storage.size(url, self.storage_options)
+                if n > max_bytes:
+                    return Rejection("too_large", f"object of {n / 2**20:.0f} MB, over the "
+                                                  f"{max_bytes / 2**20:.0f} MB limit "
+                                                  "(--max-file-mb)")
+            return storage.read_all(url, self.storage_options)
         except FileNotFoundError:
             return Rejection("unreadable", "no such object in the store")
         except Exception as e:  # noqa: BLE001 - a store error must not stop the batch

@@ -162,9 +162,17 @@ def _scan(folder: Path, root: Path) -> dict[str, str]:
     """{image id: path relative to root} for image files under ``folder`` (recursive).
 
     Hidden files and folders are skipped. Broken symlinks are kept (they are reported as
-    unreadable, not silently lost)."""
+    unreadable, not silently lost). Linked folders are listed like linked files (each
+    folder once: no cycles); a photo reached through a link that leaves the source is
+    rejected ``outside_source`` when read (pipeline.job), not silently dropped."""
     found: dict[str, str] = {}
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             if name.startswith("."):

@@ -180,9 +180,11 @@ def synth_dataset(out: Path, n: int = 200, seed: int = 0, quality: int = 90,
     ``progress`` is called once per photo written (for a progress bar).
     """
     out = Path(out)
+    planned = plan(n, seed)
+    _claim(out, [f"train/{pid}_{eye}.jpeg" for pid, eye, _ in planned])
     (out / "train").mkdir(parents=True, exist_ok=True)
     truth = []
-    for pid, eye, grade in plan(n, seed):
+    for pid, eye, grade in planned:
         rgb, photo = render(pid, eye, grade, seed)
         (out / "train" / f"{photo.image}.jpeg").write_bytes(
             simplejpeg.encode_jpeg(rgb, quality=quality, colorspace="RGB",
@@ -195,3 +197,33 @@ def synth_dataset(out: Path, n: int = 200, seed: int = 0, quality: int = 90,
         wr.writerow(["image", "level"])
         wr.writerows((p.image, p.level) for p in truth)
     return truth
+
+
+MARKER = ".drpipe-synth.json"  # what a synth wrote here: a later synth may replace it
+
+
+def _claim(out: Path, photos: list[str]) -> None:
+    """Make ``out`` this synth's: refuse a non-empty folder no synth wrote (a real dataset's
+    trainLabels.csv and photos would be replaced), remove an earlier synth's photos that this
+    one does not write, and record what this one writes before writing it."""
+    import json
+
+    from pipeline.outputs import OutputRefused
+    from tfrecord_writer.writer import atomic_write_bytes
+
+    earlier: list[str] = []
+    if out.is_dir() and any(out.iterdir()):
+        try:
+            earlier = json.loads((out / MARKER).read_text())["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            entry = next(iter(sorted(p.name for p in out.iterdir())))
+            raise OutputRefused(f"{out} is not empty ({entry}, ...) and not the output of "
+                                "drpipe synth; choose an empty or new --out") from None
+    elif out.exists() and not out.is_dir():
+        raise OutputRefused(f"{out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    keep = set(photos) | {"trainLabels.csv"}
+    for rel in earlier:
+        if isinstance(rel, str) and rel not in keep and ".." not in rel:
+            (out / rel).unlink(missing_ok=True)
+    atomic_write_bytes(out / MARKER, json.dumps({"files": sorted(keep)}, indent=1).encode())

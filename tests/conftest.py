@@ -41,7 +41,7 @@ class DaskCluster:
     """A real `dask scheduler` and `dask worker` processes on 127.0.0.1, each in its own
     process group (so a test can kill one worker, nanny and all)."""
 
-    def __init__(self, n_workers: int = 2):
+    def __init__(self, n_workers: int = 2, worker_args: tuple[str, ...] = ()):
         import shutil
         import socket
         import subprocess
@@ -58,7 +58,7 @@ class DaskCluster:
                                            str(port), "--no-dashboard"], **quiet)
         self.workers = [subprocess.Popen([dask, "worker", self.address, "--nthreads", "1",
                                           "--nworkers", "1", "--host", "127.0.0.1",
-                                          "--no-dashboard"], **quiet)
+                                          "--no-dashboard", *worker_args], **quiet)
                         for _ in range(n_workers)]
 
     def kill_worker(self, i: int) -> None:

@@ -2,7 +2,8 @@
 
 A shard is written under a temporary name in the same directory and renamed to its final
 name only after it is complete and fsynced, so a file with a final name is always whole:
-a crash leaves at most a ``.tmp`` file, which the next run removes and rewrites.
+a crash leaves at most a ``.NAME.PID.drpipe.tmp`` file, which the next run removes and
+rewrites. The temporary names are drpipe's own: a user's ``*.tmp`` is never touched.
 """
 
 from __future__ import annotations
@@ -13,7 +14,13 @@ from pathlib import Path
 from tfrecord_writer.example import frame_record, serialize_example
 from tfrecord_writer.schema import Record
 
-TMP_SUFFIX = ".tmp"
+TMP_SUFFIX = ".drpipe.tmp"
+
+
+def temporary_name(path: Path) -> Path:
+    """``dir/.NAME.PID.drpipe.tmp``: hidden, unique to this process and to drpipe."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
 
 
 def shard_name(split: str, index: int, count: int) -> str:
@@ -44,7 +51,7 @@ def plan_shards(sizes: list[int], target_bytes: int) -> list[int]:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write a whole file under a temporary name, fsync, rename over the final name."""
     path = Path(path)
-    tmp = path.with_name(path.name + f".{os.getpid()}{TMP_SUFFIX}")
+    tmp = temporary_name(path)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -63,7 +70,7 @@ class ShardWriter:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._tmp = self.path.with_name(self.path.name + f".{os.getpid()}{TMP_SUFFIX}")
+        self._tmp = temporary_name(self.path)
         self._f = open(self._tmp, "wb")
         self.records = 0
         self.bytes = 0
@@ -112,9 +119,10 @@ def _fsync_dir(d: Path) -> None:
 
 
 def remove_temporaries(directory: Path) -> int:
-    """Delete leftovers of interrupted writes (``*.tmp``). Returns how many."""
+    """Delete leftovers of drpipe's interrupted writes (``.*.drpipe.tmp``, the names
+    :func:`temporary_name` makes; nothing else). Returns how many."""
     n = 0
-    for p in Path(directory).glob(f"*{TMP_SUFFIX}"):
+    for p in Path(directory).glob(f".*{TMP_SUFFIX}"):
         p.unlink(missing_ok=True)
         n += 1
     return n

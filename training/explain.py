@@ -14,6 +14,48 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+RECORD = ".drpipe-explain.json"  # the names earlier explains wrote in a folder --out
+
+
+class ExplainError(RuntimeError):
+    """A one-line reason (a write that failed, an --out that cannot be used)."""
+
+
+def plan_targets(files, out: Path) -> list[Path]:
+    """Where each photo's panel goes. ``out`` with an image suffix is one file (one photo
+    only); otherwise a folder, ``{stem}_gradcam.png`` each, never two alike, never over a
+    file no explain wrote there."""
+    from pipeline.outputs import foreign_names, unique_names
+
+    out = Path(out)
+    if out.suffix.lower() in IMAGE_SUFFIXES:
+        if len(files) != 1:
+            raise ExplainError(f"--out {out} is one image file, but {len(files)} photos were "
+                               "given; give a folder")
+        if out.is_dir():
+            raise ExplainError(f"--out {out} is a folder; name a new file or a folder")
+        return [out]
+    if out.exists() and not out.is_dir():
+        raise ExplainError(f"--out {out} is a file; give a folder (or a .png name for one "
+                           "photo)")
+    names = unique_names(files, "{stem}_gradcam.png", reserved=foreign_names(out, RECORD))
+    return [out / n for n in names]
+
+
+def write_panel(target: Path, panel_rgb: np.ndarray) -> None:
+    """Encode (by the suffix) and write, checked: a failure is an ExplainError naming it."""
+    from tfrecord_writer.writer import atomic_write_bytes
+
+    ext = ".png" if target.suffix.lower() not in IMAGE_SUFFIXES else target.suffix.lower()
+    ok, buf = cv2.imencode(ext, cv2.cvtColor(panel_rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise ExplainError(f"cannot encode {target}")
+    try:
+        atomic_write_bytes(target, buf.tobytes())
+    except OSError as e:
+        raise ExplainError(f"cannot write {target}: {e.strerror or e}") from None
+
 
 def _last_4d_layer(layers) -> str:
     for layer in reversed(layers):
@@ -98,11 +140,15 @@ def explain_photos(run: str | Path, images, out: str | Path,
     decode = image_decoder(proc.size, proc.format, cfg.image_size)
     files = expand_photo_paths(images)
     out = Path(out)
-    single = len(files) == 1 and out.suffix.lower() == ".png"
+    targets = plan_targets(files, out)
+    single = targets == [out]
     if not single:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ExplainError(f"cannot create {out}: {e.strerror or e}") from None
     done = []
-    for path in files:
+    for path, target in zip(files, targets, strict=True):
         data = read_photo(path)
         result = data if isinstance(data, Rejection) else prepare_or_reject(data, proc)
         if isinstance(result, Rejection):
@@ -114,7 +160,10 @@ def explain_photos(run: str | Path, images, out: str | Path,
         label = (f"grade {idx}: p={y[idx]:.2f}" if len(y) > 1 else f"output {y[0]:.2f}")
         cv2.putText(panel, label, (6, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1,
                     cv2.LINE_AA)
-        target = out if single else out / f"{path.stem}_gradcam.png"
-        cv2.imwrite(str(target), cv2.cvtColor(panel, cv2.COLOR_RGB2BGR))
+        if not single:
+            from pipeline.outputs import record_names
+
+            record_names(out, RECORD, [target.name])
+        write_panel(target, panel)
         done.append((str(target), (idx, y)))
     return done

@@ -38,6 +38,40 @@ class ExportError(RuntimeError):
     """A one-line reason the export cannot be made."""
 
 
+class ExportTargetRefused(ExportError):
+    """--out names something that is not an earlier export: never replaced (exit 2)."""
+
+
+def _sidecar(out: Path) -> Path:
+    return out.parent / f"{out.name.removesuffix('.tflite')}.export.json"
+
+
+def is_previous_export(out: Path) -> bool:
+    """True if ``out`` is what an earlier drpipe export wrote: its .export.json sidecar
+    names it, and it is a SavedModel folder or a TFLite flatbuffer."""
+    try:
+        record = json.loads(_sidecar(out).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(record, dict) or Path(str(record.get("path", ""))).name != out.name:
+        return False
+    if out.is_dir() and not out.is_symlink():
+        return (out / "saved_model.pb").is_file()
+    if out.is_file() and not out.is_symlink():
+        with open(out, "rb") as f:
+            return f.read(8)[4:8] == b"TFL3"
+    return False
+
+
+def check_target(out: Path) -> None:
+    """Refuse an ``out`` that exists and is not an earlier export (it would be replaced)."""
+    out = Path(os.path.abspath(out))
+    if os.path.lexists(out) and not is_previous_export(out):
+        raise ExportTargetRefused(
+            f"{out} exists and is not an earlier drpipe export; export never replaces it "
+            "(choose a new --out)")
+
+
 @dataclass
 class ExportResult:
     path: str
@@ -191,6 +225,8 @@ def export(run: str | Path, fmt: str, out: str | Path | None = None,
         raise ExportError(f"unknown quantisation {quantize!r} "
                           f"(choose from {', '.join(QUANTIZATIONS)})")
     run = Path(run)
+    if out is not None:
+        check_target(Path(out))
     try:
         cfg = load_config(run)
     except FileNotFoundError:
@@ -222,6 +258,7 @@ def export(run: str | Path, fmt: str, out: str | Path | None = None,
     if cfg.task == "regression" and (run / "metrics.json").exists():
         thresholds = json.loads((run / "metrics.json").read_text()).get("thresholds")
 
+    check_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Built beside the target, then renamed: a killed export never leaves half a model
     # under the final name.
@@ -239,6 +276,7 @@ def export(run: str | Path, fmt: str, out: str | Path | None = None,
         else:
             staged = sm
         if out.exists():
+            check_target(out)  # an earlier export of ours, nothing else
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         os.replace(staged, out)
 
@@ -265,6 +303,6 @@ def export(run: str | Path, fmt: str, out: str | Path | None = None,
                         "dtype": "float32", "range": [0, 255], "channels": "RGB"},
               "preprocessing": info["config"]["process"],
               "tensorflow": tf.__version__}
-    sidecar = out.parent / f"{out.name.removesuffix('.tflite')}.export.json"
+    sidecar = _sidecar(out)
     sidecar.write_text(json.dumps(record, indent=2))
     return result
