@@ -274,10 +274,14 @@ def _read_json(path: Path) -> dict:
 
 def _recorded_shards(out: Path, old_state: dict) -> set[str]:
     """Shard names a drpipe run recorded writing into ``out``: the state file's (written
-    as each shard is committed) and a finished run's dataset_info.json."""
+    as each shard is committed) and a finished run's info."""
     names = set(old_state.get("shards") or {})
-    info = _read_json(out / INFO_FILE) if (out / INFO_FILE).exists() else {}
-    for split in (info.get("splits") or {}).values():
+    try:  # drpipe's info (drpipe_info.json, or an earlier output's dataset_info.json)
+        info = output_info.load_info(out) if output_info.has_info(out) else {}
+    except (OSError, ValueError):
+        info = {}
+    splits = info.get("splits") if isinstance(info, dict) else None
+    for split in (splits.values() if isinstance(splits, dict) else []):
         names.update(f.get("name") for f in split.get("shards", []) if isinstance(f, dict))
     return {n for n in names if isinstance(n, str) and "/" not in n}
 
