@@ -15,6 +15,7 @@ import pytest
 
 from pipeline.synth import synth_dataset
 from tests.reliability.helpers import drpipe, manifest, no_traceback
+from tfrecord_writer.info import load_info
 
 ARGS = ["--workers", "1", "--size", "64", "--quiet"]
 MARK = "\"'><i id=pwn>"  # breaks out of an attribute, then opens an element
@@ -116,7 +117,7 @@ def test_symlinks_leaving_the_source_are_rejected_unless_followed(raw, tmp_path)
         assert rows[i]["sha256"] == "" and rows[i]["bytes"] == ""  # never read
     assert rows["801_left"]["path"] == "train/linked/801_left.jpeg"  # listed, not lost
     assert rows["803_left"]["status"] == "ok"
-    info = json.loads((out / "dataset_info.json").read_text())
+    info = load_info(out)
     assert info["summary"]["rejected_by_reason"]["outside_source"] == 3
 
     out2 = tmp_path / "out2"
