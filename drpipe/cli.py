@@ -106,6 +106,18 @@ def make_process_config(size, filter_, quality, clahe_clip, clahe_tiles, max_meg
                          min_side=min_side)
 
 
+def _min_quality(ctx, param, value):
+    """--min-quality usable|good|SCORE -> the minimum score (None: no gate)."""
+    if value is None:
+        return None
+    from pipeline.quality import parse_min_quality
+
+    try:
+        return parse_min_quality(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="drpipe")
 def main():
@@ -243,6 +255,10 @@ def preview(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_megap
 @click.option("--limit", type=click.IntRange(1), default=None,
               help="A trial on the first N photos (in id order).")
 @click.option("--strict", is_flag=True, help="Fail (exit 1) if any photo is rejected.")
+@click.option("--min-quality", callback=_min_quality, default=None, metavar="usable|good|SCORE",
+              help="Reject photos whose gradability score (docs/QUALITY.md) is under this, as "
+                   "ungradable, with the measures in the reason [default: record the quality, "
+                   "reject nothing for it].")
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing output made with another configuration.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no summary on stdout.")
@@ -250,8 +266,8 @@ def preview(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_megap
               help="Also write the run summary as JSON here.")
 def preprocess(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_megapixels,
                min_side, fmt, split_spec, seed, shard_size, workers, scheduler, source_kind,
-               labels, id_col, label_col, patient_col, limit, strict, overwrite, quiet,
-               summary_json):
+               labels, id_col, label_col, patient_col, limit, strict, min_quality, overwrite,
+               quiet, summary_json):
     """Verify, crop, resize and filter every photo in parallel on Dask, split patients
     safely, and write sharded TFRecords with a manifest that accounts for every photo.
 
@@ -259,6 +275,8 @@ def preprocess(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_me
     no-op on a finished one. Outputs: {split}-{i:05d}-of-{n:05d}.tfrecord,
     data_manifest.csv, manifest.parquet, dataset_info.json (docs/FORMAT.md).
     """
+    import dataclasses
+
     from tqdm import tqdm
 
     from pipeline.job import JobConfig, JobError, RunOptions
@@ -271,8 +289,9 @@ def preprocess(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_me
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--split") from None
     cfg = JobConfig(src=str(src), out=str(out),
-                    process=make_process_config(size, filter_, quality, clahe_clip,
-                                                clahe_tiles, max_megapixels, min_side, fmt),
+                    process=dataclasses.replace(make_process_config(
+                        size, filter_, quality, clahe_clip, clahe_tiles, max_megapixels,
+                        min_side, fmt), min_quality=min_quality),
                     split=ratios, seed=seed, shard_size_mb=shard_size,
                     source_kind=source_kind, labels=str(labels) if labels else None,
                     id_col=id_col, label_col=label_col, patient_col=patient_col, limit=limit)

@@ -94,6 +94,18 @@ class Quality:
         return asdict(self)
 
 
+# Manifest columns: the score, the verdict, and each measure as quality_<measure>.
+COLUMNS = ("quality_score", "quality", *(f"quality_{k}" for k in MEASURES))
+
+
+def quality_row(q: Quality | None) -> dict:
+    """The manifest cells of a photo's quality (empty when it was never measured)."""
+    if q is None:
+        return dict.fromkeys(COLUMNS)
+    return {"quality_score": q.score, "quality": q.verdict,
+            **{f"quality_{k}": v for k, v in q.measures().items()}}
+
+
 def verdict_for(score: float, good: float = GOOD, usable: float = USABLE) -> str:
     return "good" if score >= good else "usable" if score >= usable else "reject"
 
