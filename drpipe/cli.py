@@ -118,6 +118,19 @@ def _min_quality(ctx, param, value):
         raise click.BadParameter(str(e)) from None
 
 
+def _quality_spec(ctx, param, value):
+    """train/evaluate --min-quality: checked here, kept as written (config.json records it)."""
+    if value is None or value == "all" and "all" in (param.metavar or ""):
+        return value
+    from pipeline.quality import parse_min_quality
+
+    try:
+        parse_min_quality(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    return str(value).strip().lower()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="drpipe")
 def main():
@@ -448,6 +461,10 @@ def _int_list(ctx, param, value):
               help="After every epoch, recompute the BatchNorm statistics from this many "
                    "training batches (0 = off): the moving averages trail the weights, and "
                    "inference-mode predictions with them can be far worse.")
+@click.option("--min-quality", callback=_quality_spec, default=None,
+              metavar="usable|good|SCORE",
+              help="Train and validate only on photos whose quality recorded in the shards "
+                   "reaches this (docs/QUALITY.md); no preprocessing again [default: all].")
 def train(resume, **kw):
     """Train a grading model on the shards: tf.data into ResNetV2 or transfer learning.
 
@@ -493,7 +510,11 @@ def _echo_metrics(r: dict, run) -> None:
 @click.option("--split", default="test", show_default=True)
 @click.option("--checkpoint", type=click.Choice(["final", "best"]), default="final",
               show_default=True, help="model.keras or the best-kappa checkpoint.")
-def evaluate(run, data, split, checkpoint):
+@click.option("--min-quality", callback=_quality_spec, default=None,
+              metavar="usable|good|SCORE|all",
+              help="Evaluate only photos whose recorded quality reaches this; all = every "
+                   "photo [default: the run's --min-quality].")
+def evaluate(run, data, split, checkpoint, min_quality):
     """Metrics of a trained RUN on any split: accuracy, quadratic kappa, per-class
     precision/recall/F1, confusion matrix (AUC, sensitivity, specificity for referable).
     Writes RUN/metrics-SPLIT.json and RUN/confusion_SPLIT.png."""
@@ -504,7 +525,9 @@ def evaluate(run, data, split, checkpoint):
     from training.fit import evaluate as run_eval
 
     try:
-        r = run_eval(run, data, split, checkpoint)
+        r = run_eval(run, data, split, checkpoint,
+                     "run" if min_quality is None else None if min_quality == "all"
+                     else min_quality)
     except (TrainError, FileNotFoundError) as e:
         raise DrpipeError(str(e)) from None
     _echo_metrics(r, run)

@@ -58,8 +58,9 @@ RAMPS = {
 WEIGHTS = {"vessels": 0.45, "vessel_field": 0.35, "focus": 0.2}
 DIM = (8.0, 30.0)  # green mean: sub-score 0 at or below, 1 at or above
 WASHED_OUT = (160.0, 240.0)  # green mean: sub-score 1 at or below, 0 at or above
-# Coverage: EyePACS frames routinely clip the disc top and bottom to ~0.9 of its area, so
-# the sub-score falls gently to 0.9 at COVERAGE_KNEE, then steeply to 0 at COVERAGE_ZERO.
+# Coverage: the sub-score is the coverage itself down to COVERAGE_KNEE (EyePACS frames
+# routinely clip the disc top and bottom to ~0.9 of its area), then falls steeply to 0 at
+# COVERAGE_ZERO.
 COVERAGE_KNEE, COVERAGE_ZERO = 0.85, 0.5
 
 GOOD = 0.85
@@ -168,7 +169,8 @@ def assess(image: np.ndarray, radius: float, frame=None) -> Quality:
     e = EDGE_MARGIN
     mask[fy0 + e if fy0 > 0 else 0:fy1 - e if fy1 < GRID else GRID,
          fx0 + e if fx0 > 0 else 0:fx1 - e if fx1 < GRID else GRID] = 255
-    mask &= _disc(max(1, round(INNER * r)))
+    inner = _disc(max(1, round(INNER * r)))
+    mask &= inner
     n = cv2.countNonZero(mask)
     if n < 64:  # nearly no disc inside the frame: nothing to grade
         return Quality(0.0, "reject", 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, round(coverage, 4))
@@ -190,7 +192,8 @@ def assess(image: np.ndarray, radius: float, frame=None) -> Quality:
     edges = cv2.bitwise_and(edges, mask)  # Canny marks edges 255, the mask is 0 / 255
     vessels = cv2.countNonZero(edges) / n
     cell_edges = cv2.resize(edges, (CELLS, CELLS), interpolation=cv2.INTER_AREA)
-    cell_disc = cv2.resize(mask, (CELLS, CELLS), interpolation=cv2.INTER_AREA)
+    # Over the whole disc: cells the frame cut off show no vessels.
+    cell_disc = cv2.resize(inner, (CELLS, CELLS), interpolation=cv2.INTER_AREA)
     cells = cell_disc > 127
     field = float(np.mean(cell_edges[cells] >= CELL_MIN_EDGES * cell_disc[cells])) \
         if cells.any() else 0.0
@@ -213,6 +216,6 @@ def combine(m: dict[str, float]) -> float:
     illumination = min(_ramp(b, *DIM), 1.0 - _ramp(b, *WASHED_OUT),
                        _ramp(m["exposure"], *RAMPS["exposure"]))
     c = m["coverage"]
-    coverage = (1.0 - 0.1 * (1.0 - c) / (1.0 - COVERAGE_KNEE) if c >= COVERAGE_KNEE
-                else 0.9 * _ramp(c, COVERAGE_ZERO, COVERAGE_KNEE))
+    coverage = c if c >= COVERAGE_KNEE else COVERAGE_KNEE * _ramp(c, COVERAGE_ZERO,
+                                                                   COVERAGE_KNEE)
     return coverage * illumination * detail
