@@ -222,6 +222,24 @@ def test_min_quality_at_preprocess_rejects_ungradable_with_measures(runs):
     assert summary["rejected_by_reason"] == {"ungradable": len(low)}
 
 
+def test_make_dataset_filters_by_recorded_quality(runs):
+    """The reader keeps exactly the records whose shard score reaches the bar, in the
+    manifest's counts per grade (what train's steps and class weights use)."""
+    from training.data import make_dataset, split_counts
+
+    shards, m = runs["all"], rows(runs["all"])
+    for bar in (None, Q.USABLE, Q.GOOD):
+        ds = make_dataset(shards, "train", image_size=32, batch_size=64, min_quality=bar)
+        labels = np.concatenate([y.numpy() for _, y in ds])
+        want = [r for r in m.values() if r["split"] == "train" and (
+            bar is None or np.float32(r["quality_score"]) >= np.float32(bar))]
+        assert sorted(labels.tolist()) == sorted(int(r["label"]) for r in want)
+        assert split_counts(shards, "train", bar) == [
+            sum(1 for r in want if int(r["label"]) == g) for g in range(5)]
+    assert len(labels) < sum(split_counts(shards, "train"))
+
+
+@pytest.mark.slow
 def test_min_quality_at_train_and_evaluate_time(runs):
     """Training on the unfiltered shards with --min-quality good sees only the good photos
     (no preprocessing again); evaluate follows the run's setting unless told otherwise."""
