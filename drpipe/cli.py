@@ -196,7 +196,8 @@ def preview(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_megap
     """Process SRC photos (files or folders) in this process, for a quick visual check.
 
     Writes OUT/{id}.jpeg for each photo, a before/after OUT/contact_sheet.jpeg (original
-    with the fitted retina circle | processed), and lists rejected files with their reasons.
+    with the fitted retina circle | processed, captioned with the quality score and verdict
+    that preprocess --min-quality would act on), and lists rejected files with their reasons.
     """
     from tqdm import tqdm
 
@@ -226,6 +227,10 @@ def preview(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_megap
     ok = len(files) - len(rejected)
     click.echo(f"processed {ok} of {len(files)} photos into {out}/ "
                f"(contact sheet: {out / 'contact_sheet.jpeg'})")
+    verdicts = [e.result.quality.verdict for e in entries if hasattr(e.result, "image")]
+    if verdicts:
+        click.echo("quality: " + ", ".join(f"{v} {verdicts.count(v)}"
+                                           for v in ("good", "usable", "reject")))
     if rejected:
         click.echo(f"rejected {len(rejected)}:")
         for path, rej in rejected:
