@@ -259,3 +259,24 @@ def test_min_quality_at_train_and_evaluate_time(runs):
     assert metrics["n"] == good_val and metrics["min_quality"] == "good"
     drpipe("evaluate", run, "--split", "val", "--min-quality", "all")
     assert json.loads((run / "metrics-val.json").read_text())["n"] == all_val
+
+
+def test_report_shows_quality_per_split_and_grade_and_examples(runs):
+    from drpipe.quality_report import quality_table
+    from drpipe.report import build, read_manifest
+
+    manifest = read_manifest(runs["all"])
+    header, table = quality_table(manifest)
+    m = rows(runs["all"])
+    for split, grade, good, usable, reject, n, *_ in table:
+        these = [r for r in m.values() if r["split"] == split and r["label"] == str(grade)]
+        assert [good, usable, reject, n] == [
+            sum(1 for r in these if r["quality"] == v) for v in Q.VERDICTS] + [len(these)]
+    assert sum(r[5] for r in table) == len(m)
+    page = build(runs["all"], per_grade=2)
+    assert 'id="quality"' in page and 'id="fig-quality"' in page
+    for v in Q.VERDICTS:  # example photos of each verdict, captioned with their score
+        captions = [f"{r['image_id']} {float(r['quality_score']):.2f}</span>"
+                    for r in m.values() if r["quality"] == v]
+        assert sum(c in page for c in captions) == min(2, len(captions)), v
+    assert "no stored photo with this verdict" not in page
