@@ -72,7 +72,8 @@ def main() -> None:
               "machine": platform.machine(), "cpu_count": os.cpu_count(),
               "load_avg_1min": round(os.getloadavg()[0], 2)}
     print(f"quality gate: {result['cpu_ms_per_photo']:.3f} ms CPU per photo (best round "
-          f"{result['best_round_cpu_ms_per_photo']:.3f} ms; wall {result['wall_ms_per_photo']:.3f} ms, worst photo "
+          f"{result['best_round_cpu_ms_per_photo']:.3f} ms; wall "
+          f"{result['wall_ms_per_photo']:.3f} ms, worst photo "
           f"{result['worst_photo_cpu_ms']:.3f} ms), {len(crops)} photos x {args.rounds} rounds, "
           f"one core, load {result['load_avg_1min']}")
     if args.json:

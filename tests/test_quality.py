@@ -104,7 +104,7 @@ def test_score_falls_monotonically_with_degradation(decoded, degrade):
             assert max(curve) < Q.USABLE + 0.05, (name, curve)
             continue
         checked += 1
-        assert all(b <= a + 0.02 for a, b in zip(curve, curve[1:])), (name, curve)
+        assert all(b <= a + 0.02 for a, b in zip(curve, curve[1:], strict=False)), (name, curve)
         assert curve[-1] < Q.USABLE and curve[-1] < s0 - 0.3, (name, curve)
     assert checked >= 10
 
