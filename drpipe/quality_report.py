@@ -89,7 +89,7 @@ def quality_section(data: Path, manifest: list[dict], splits: list[str], per_ver
             src = (f"data:image/{'jpeg' if fmt == 'jpeg' else 'png'};base64,"
                    + base64.b64encode(ex["image/encoded"]).decode("ascii"))
             name = ex["image/id"].decode()
-            cells.append(f'<div class="ex"><img class="example" src="{src}" alt="{esc(name)}">'
+            cells.append(f'<div class="ex"><img class="quality-example" src="{src}" alt="{esc(name)}">'
                          f'<span>{esc(name)} {ex["image/quality/score"]:.2f}</span></div>')
         body = "".join(cells) or '<span class="none">no stored photo with this verdict</span>'
         parts.append(f'<div class="grade-row"><h3 style="border-color:{VERDICT_COLORS[v]}">'
