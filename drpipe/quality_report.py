@@ -89,8 +89,9 @@ def quality_section(data: Path, manifest: list[dict], splits: list[str], per_ver
             src = (f"data:image/{'jpeg' if fmt == 'jpeg' else 'png'};base64,"
                    + base64.b64encode(ex["image/encoded"]).decode("ascii"))
             name = ex["image/id"].decode()
-            cells.append(f'<div class="ex"><img class="quality-example" src="{src}" alt="{esc(name)}">'
-                         f'<span>{esc(name)} {ex["image/quality/score"]:.2f}</span></div>')
+            caption = f'{esc(name)} {ex["image/quality/score"]:.2f}'
+            cells.append(f'<div class="ex"><img class="quality-example" src="{src}" '
+                         f'alt="{esc(name)}"><span>{caption}</span></div>')
         body = "".join(cells) or '<span class="none">no stored photo with this verdict</span>'
         parts.append(f'<div class="grade-row"><h3 style="border-color:{VERDICT_COLORS[v]}">'
                      f"{esc(v)}</h3><div class=\"grid\">{body}</div></div>")
