@@ -187,8 +187,7 @@ def assess(image: np.ndarray, radius: float, frame=None) -> Quality:
     focus = float(np.sqrt(energy)) / max(mean, 1.0)
 
     level = _clahe().apply(green)
-    edges = cv2.Canny(cv2.Sobel(level, cv2.CV_16S, 1, 0), cv2.Sobel(level, cv2.CV_16S, 0, 1),
-                      *CANNY)  # = cv2.Canny(level, ...), from the gradients
+    edges = cv2.Canny(level, *CANNY)
     edges = cv2.bitwise_and(edges, mask)  # Canny marks edges 255, the mask is 0 / 255
     vessels = cv2.countNonZero(edges) / n
     cell_edges = cv2.resize(edges, (CELLS, CELLS), interpolation=cv2.INTER_AREA)
