@@ -164,6 +164,31 @@ def make_process_config(size, filter_, quality, clahe_clip, clahe_tiles, max_meg
                          min_side=min_side, max_bytes=round(max_file_mb * 2**20))
 
 
+def _min_quality(ctx, param, value):
+    """--min-quality usable|good|SCORE -> the minimum score (None: no gate)."""
+    if value is None:
+        return None
+    from pipeline.quality import parse_min_quality
+
+    try:
+        return parse_min_quality(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def _quality_spec(ctx, param, value):
+    """train/evaluate --min-quality: checked here, kept as written (config.json records it)."""
+    if value is None or value == "all" and "all" in (param.metavar or ""):
+        return value
+    from pipeline.quality import parse_min_quality
+
+    try:
+        parse_min_quality(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    return str(value).strip().lower()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="drpipe")
 def main():
@@ -263,7 +288,8 @@ def preview(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_megap
     """Process SRC photos (files or folders) in this process, for a quick visual check.
 
     Writes OUT/{id}.jpeg for each photo, a before/after OUT/contact_sheet.jpeg (original
-    with the fitted retina circle | processed), and lists rejected files with their reasons.
+    with the fitted retina circle | processed, captioned with the quality score and verdict
+    that preprocess --min-quality would act on), and lists rejected files with their reasons.
     Nothing is written over an input or a file no preview wrote: OUT may not be (or lie in)
     a source folder (exit 2), and a name already taken (two photos with one stem, a file in
     OUT) gets the next free one, {id}~2.jpeg.
@@ -313,6 +339,10 @@ def preview(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_megap
                if n != f"{p.stem}.jpeg" and n in written]
     for p, n in renamed:
         click.echo(f"  {p} -> {out / n} (its name was taken)")
+    verdicts = [e.result.quality.verdict for e in entries if hasattr(e.result, "image")]
+    if verdicts:
+        click.echo("quality: " + ", ".join(f"{v} {verdicts.count(v)}"
+                                           for v in ("good", "usable", "reject")))
     if rejected:
         click.echo(f"rejected {len(rejected)}:")
         for path, rej in rejected:
@@ -369,6 +399,10 @@ def preview(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_megap
               help="Read photos through symlinks (of files or folders) that lead outside "
                    "--src [default: rejected outside_source].")
 @click.option("--strict", is_flag=True, help="Fail (exit 1) if any photo is rejected.")
+@click.option("--min-quality", callback=_min_quality, default=None, metavar="usable|good|SCORE",
+              help="Reject photos whose gradability score (docs/QUALITY.md) is under this, as "
+                   "ungradable, with the measures in the reason [default: record the quality, "
+                   "reject nothing for it].")
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing output made with another configuration.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no summary on stdout.")
@@ -376,8 +410,8 @@ def preview(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_megap
               help="Also write the run summary as JSON here.")
 def preprocess(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_megapixels,
                min_side, fmt, split_spec, seed, shard_size, workers, scheduler, source_kind,
-               labels, id_col, label_col, patient_col, limit, strict, overwrite, quiet,
-               summary_json, storage_options, max_file_mb, follow_links):
+               labels, id_col, label_col, patient_col, limit, strict, min_quality, overwrite,
+               quiet, summary_json, storage_options, max_file_mb, follow_links):
     """Verify, crop, resize and filter every photo in parallel on Dask, split patients
     safely, and write sharded TFRecords with a manifest that accounts for every photo.
 
@@ -387,6 +421,8 @@ def preprocess(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_me
     files (features.json; dataset_info.json, written last), so that
     tfds.builder_from_directory opens the output (docs/FORMAT.md).
     """
+    import dataclasses
+
     from tqdm import tqdm
 
     from pipeline import storage
@@ -405,9 +441,9 @@ def preprocess(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_me
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--split") from None
     cfg = JobConfig(src=str(src), out=str(out),
-                    process=make_process_config(size, filter_, quality, clahe_clip,
-                                                clahe_tiles, max_megapixels, min_side, fmt,
-                                                max_file_mb),
+                    process=dataclasses.replace(make_process_config(
+                        size, filter_, quality, clahe_clip, clahe_tiles, max_megapixels,
+                        min_side, fmt, max_file_mb), min_quality=min_quality),
                     split=ratios, seed=seed, shard_size_mb=shard_size,
                     source_kind=source_kind, labels=str(labels) if labels else None,
                     id_col=id_col, label_col=label_col, patient_col=patient_col, limit=limit,
@@ -591,6 +627,10 @@ def _int_list(ctx, param, value):
               help="After every epoch, recompute the BatchNorm statistics from this many "
                    "training batches (0 = off): the moving averages trail the weights, and "
                    "inference-mode predictions with them can be far worse.")
+@click.option("--min-quality", callback=_quality_spec, default=None,
+              metavar="usable|good|SCORE",
+              help="Train and validate only on photos whose quality recorded in the shards "
+                   "reaches this (docs/QUALITY.md); no preprocessing again [default: all].")
 def train(resume, **kw):
     """Train a grading model on the shards: tf.data into ResNetV2 or transfer learning.
 
@@ -637,7 +677,11 @@ def _echo_metrics(r: dict, run) -> None:
 @click.option("--split", default="test", show_default=True)
 @click.option("--checkpoint", type=click.Choice(["final", "best"]), default="final",
               show_default=True, help="model.keras or the best-kappa checkpoint.")
-def evaluate(run, data, split, checkpoint):
+@click.option("--min-quality", callback=_quality_spec, default=None,
+              metavar="usable|good|SCORE|all",
+              help="Evaluate only photos whose recorded quality reaches this; all = every "
+                   "photo [default: the run's --min-quality].")
+def evaluate(run, data, split, checkpoint, min_quality):
     """Metrics of a trained RUN on any split: accuracy, quadratic kappa, per-class
     precision/recall/F1, confusion matrix (AUC, sensitivity, specificity for referable).
     Writes RUN/metrics-SPLIT.json and RUN/confusion_SPLIT.png."""
@@ -648,7 +692,9 @@ def evaluate(run, data, split, checkpoint):
     from training.fit import evaluate as run_eval
 
     try:
-        r = run_eval(run, data, split, checkpoint)
+        r = run_eval(run, data, split, checkpoint,
+                     "run" if min_quality is None else None if min_quality == "all"
+                     else min_quality)
     except (TrainError, FileNotFoundError) as e:
         raise DrpipeError(str(e)) from None
     _echo_metrics(r, run)

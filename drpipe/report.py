@@ -5,7 +5,8 @@ JPEG/PNG bytes, the style inline, no script — so it can be mailed, attached to
 opened offline. No TensorFlow: shards are read with the package's own record reader.
 
 Sections: the preprocessing settings; photos per grade per split (table and chart);
-rejections by reason with example files; a grid of processed examples per grade; then for
+rejections by reason with example files; quality verdicts per split and grade with example
+photos per verdict (drpipe/quality_report.py); a grid of processed examples per grade; then for
 each run: its settings, training curves, confusion matrix, kappa and per-grade scores.
 """
 
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from drpipe.quality_report import quality_section
 from tfrecord_writer.example import parse_example, read_records
 from tfrecord_writer.info import has_info, load_info
 
@@ -177,7 +179,7 @@ def run_section(run: Path, index: int) -> str:
     except FileNotFoundError:
         raise ReportError(f"{run}: not a drpipe run (no config.json)") from None
     keys = ["model", "task", "image_size", "epochs", "fine_tune_epochs", "batch_size", "lr",
-            "optimizer", "balance", "augment", "freeze", "weights", "seed", "data"]
+            "optimizer", "balance", "augment", "freeze", "weights", "seed", "data", "min_quality"]
     parts = [f'<h2 id="run-{index}">Run {_esc(run.name)}</h2>',
              _table(["setting", "value"], [[k, cfg.get(k)] for k in keys if k in cfg], "kv")]
     if read_history(run):
@@ -279,7 +281,7 @@ def build(data: str | Path, runs: list[str | Path] = (), per_grade: int = 8,
 
     run_paths = [Path(r) for r in runs]
     nav = ['<a href="#data">data</a>', '<a href="#rejections">rejections</a>',
-           '<a href="#examples">examples</a>'] + [
+           '<a href="#quality">quality</a>', '<a href="#examples">examples</a>'] + [
         f'<a href="#run-{i}">{_esc(r.name)}</a>' for i, r in enumerate(run_paths)]
     body = [
         f"<h1>drpipe report: {_esc(data.resolve().name)}</h1>",
@@ -292,6 +294,8 @@ def build(data: str | Path, runs: list[str | Path] = (), per_grade: int = 8,
         _table(["split", *GRADES, "photos", "% per grade"], count_rows),
         _figure(grade_chart(counts), "grade distribution per split", "fig-grades"),
         '<h2 id="rejections">Rejected photos</h2>', rejection_section(manifest),
+        f'<h2 id="quality">Quality ({_esc(", ".join(splits))})</h2>',
+        quality_section(data, manifest, splits, per_grade, _esc, _table, _figure, _png, _pyplot),
         f'<h2 id="examples">Processed examples per grade ({_esc(", ".join(splits))})</h2>',
         examples_section(examples),
     ]

@@ -40,6 +40,7 @@ import numpy as np
 
 from pipeline import manifest
 from pipeline.process import ProcessConfig, ProcessedImage, Rejection, process, read_photo
+from pipeline.quality import quality_row
 from pipeline.sources import Source, detect_source
 from pipeline.split import assign_splits
 from tfrecord_writer import info as output_info
@@ -144,6 +145,8 @@ def process_batch(root: str, items: list[dict], config: ProcessConfig,
             row["sha256"] = hashlib.sha256(data).hexdigest()
             row["bytes"] = len(data)
             result = process(data, config)
+        if getattr(result, "quality", None) is not None:
+            row.update(quality_row(result.quality))
         if isinstance(result, ProcessedImage):
             c = result.circle
             row.update(width=result.original_width, height=result.original_height,
@@ -154,7 +157,8 @@ def process_batch(root: str, items: list[dict], config: ProcessConfig,
             else:
                 record = serialize_example(Record(
                     result.encoded, result.format, result.height, result.width, it["label"],
-                    it["image_id"], it["patient_id"], it["eye"], row["sha256"]).features())
+                    it["image_id"], it["patient_id"], it["eye"], row["sha256"],
+                    result.quality.score, result.quality.verdict).features())
         else:
             row.update(status="rejected", reason=str(result))
         rows.append(row)
@@ -166,7 +170,7 @@ def process_batch(root: str, items: list[dict], config: ProcessConfig,
 
 def _blank_row(it: dict) -> dict:
     return dict(it, status="ok", reason="", sha256="", bytes=None, width=None, height=None,
-                retina_cx=None, retina_cy=None, retina_r=None)
+                retina_cx=None, retina_cy=None, retina_r=None, **quality_row(None))
 
 
 def outside_source(root: str, rel: str) -> Rejection | None:

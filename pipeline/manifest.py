@@ -38,15 +38,29 @@ COLUMNS: list[tuple[str, pa.DataType]] = [
     ("retina_cy", pa.float32()),
     ("retina_r", pa.float32()),
     ("duplicate_of", pa.string()),  # first image id with the same bytes, if any
+    # Gradability (pipeline/quality.py, docs/QUALITY.md); empty when never measured.
+    ("quality_score", pa.float32()),  # 0-1, higher is better
+    ("quality", pa.string()),  # good | usable | reject
+    ("quality_focus", pa.float32()),
+    ("quality_vessels", pa.float32()),
+    ("quality_vessel_field", pa.float32()),
+    ("quality_brightness", pa.float32()),
+    ("quality_contrast", pa.float32()),
+    ("quality_exposure", pa.float32()),
+    ("quality_coverage", pa.float32()),
 ]
 NAMES = [c for c, _ in COLUMNS]
 
 
-def _cell(value) -> str:
+# Decimals in the CSV where two (the default for floats) would lose the measure.
+DECIMALS = {c: 4 for c in NAMES if c.startswith("quality_")} | {"quality_brightness": 2}
+
+
+def _cell(value, column: str = "") -> str:
     if value is None:
         return ""
     if isinstance(value, float):
-        return f"{value:.2f}"
+        return f"{value:.{DECIMALS.get(column, 2)}f}"
     if isinstance(value, str):
         return csv_cell(value)  # an id like =HYPERLINK(...) is not run by a spreadsheet
     return str(value)
@@ -57,7 +71,7 @@ def to_csv_bytes(rows: list[dict]) -> bytes:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(NAMES)
     for row in sorted(rows, key=lambda r: r["image_id"]):
-        w.writerow([_cell(row.get(c)) for c in NAMES])
+        w.writerow([_cell(row.get(c), c) for c in NAMES])
     return buf.getvalue().encode("utf-8")
 
 

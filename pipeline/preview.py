@@ -11,6 +11,7 @@ from pipeline.process import Prepared, Rejection
 
 CELL = 256  # px per image in the sheet
 CAPTION = 22
+VERDICT_COLOURS = {"good": (90, 230, 90), "usable": (240, 200, 60), "reject": (255, 80, 80)}
 
 
 @dataclass(frozen=True)
@@ -21,7 +22,8 @@ class SheetEntry:
 
 def contact_sheet(entries: list[SheetEntry], columns: int = 3) -> np.ndarray:
     """One RGB image: per photo, the original with the fitted retina circle (green) beside
-    the processed square; rejected photos show their reason in red."""
+    the processed square, captioned with its quality score and verdict (docs/QUALITY.md);
+    rejected photos show their reason in red."""
     tiles = [_tile(e) for e in entries]
     if not tiles:
         raise ValueError("nothing to put on a contact sheet")
@@ -57,6 +59,10 @@ def _tile(e: SheetEntry) -> np.ndarray:
     tile[CAPTION:, CELL:] = cv2.resize(p.image, (CELL, CELL), interpolation=cv2.INTER_AREA)
     _text(tile, f"{e.image_id}  {p.info.width}x{p.info.height}  1/{p.factor} decode",
           (6, 16), (230, 230, 230))
+    if p.quality is not None:  # what --min-quality would do to this photo
+        q = p.quality
+        _text(tile, f"quality {q.score:.2f} {q.verdict}", (CELL + 6, 16),
+              VERDICT_COLOURS[q.verdict])
     return tile
 
 

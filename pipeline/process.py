@@ -16,6 +16,7 @@ import numpy as np
 from pipeline import decode as dec
 from pipeline.encode import encode
 from pipeline.filters import FilterParams, get_filter
+from pipeline.quality import Quality, assess
 from pipeline.retina import Circle, NoRetina, crop_to_retina, find_retina
 
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # a fundus photo is 0.1-20 MB; a padded one is not
@@ -33,15 +34,19 @@ class ProcessConfig:
     max_pixels: int = dec.DEFAULT_MAX_PIXELS
     min_side: int = dec.DEFAULT_MIN_SIDE
     max_bytes: int = DEFAULT_MAX_BYTES  # larger files are rejected before they are read
+    # Photos scoring under this (pipeline/quality.py) are rejected as ungradable; None:
+    # quality is recorded, nothing is rejected for it.
+    min_quality: float | None = None
 
 
 @dataclass(frozen=True)
 class Rejection:
     """Why a photo was not used. ``code`` is one of: empty, not_an_image, corrupt, truncated,
-    too_large, too_small, no_retina, unreadable, internal_error."""
+    too_large, too_small, no_retina, unreadable, internal_error, ungradable."""
 
     code: str
     detail: str
+    quality: Quality | None = None  # measured, for ungradable
 
     def __str__(self) -> str:
         return f"{self.code}: {self.detail}"
@@ -56,6 +61,7 @@ class Prepared:
     factor: int
     circle: Circle  # retina in original (upright) pixel coordinates
     image: np.ndarray  # size x size x 3 uint8, filtered
+    quality: Quality | None = None  # gradability, measured on the unfiltered crop
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,7 @@ class ProcessedImage:
     original_height: int
     circle: Circle  # retina in original pixel coordinates
     decode_factor: int
+    quality: Quality | None = None
 
 
 def read_photo(path, max_bytes: int | None = DEFAULT_MAX_BYTES) -> bytes | Rejection:
@@ -127,8 +134,9 @@ def prepare(data: bytes, config: ProcessConfig) -> Prepared:
     # Exact scale of this decode (libjpeg rounds reduced sizes up).
     scale = up_w / decoded.shape[1]
     crop = crop_to_retina(decoded, circle, config.size)
+    quality = assess(crop.image, crop.radius, crop.frame)  # before the filter changes it
     image = get_filter(config.filter, config.filter_params)(crop.image, crop.radius, crop.frame)
-    return Prepared(info, decoded, factor, circle.scaled(scale), image)
+    return Prepared(info, decoded, factor, circle.scaled(scale), image, quality)
 
 
 def prepare_or_reject(data: bytes, config: ProcessConfig) -> Prepared | Rejection:
@@ -146,10 +154,13 @@ def prepare_or_reject(data: bytes, config: ProcessConfig) -> Prepared | Rejectio
 
 
 def process(data: bytes, config: ProcessConfig = ProcessConfig()) -> ProcessedImage | Rejection:
-    """Verify, decode, find the retina, crop, resize, filter and encode one photo."""
+    """Verify, decode, find the retina, crop, resize, score, filter and encode one photo."""
     p = prepare_or_reject(data, config)
     if isinstance(p, Rejection):
         return p
+    if config.min_quality is not None and p.quality.score < config.min_quality:
+        return Rejection("ungradable", f"{p.quality.describe()}; under --min-quality "
+                         f"{config.min_quality:g}", p.quality)
     up_w, up_h = p.info.upright_size
     return ProcessedImage(encode(p.image, config.format, config.quality), config.format,
-                          config.size, config.size, up_w, up_h, p.circle, p.factor)
+                          config.size, config.size, up_w, up_h, p.circle, p.factor, p.quality)

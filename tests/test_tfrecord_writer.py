@@ -37,6 +37,8 @@ def _tf_example(tf, r: Record):
         f = ex.features.feature[k]
         if FEATURES[k][0] == "int64":
             f.int64_list.value.append(v)
+        elif FEATURES[k][0] == "float":
+            f.float_list.value.append(v)
         else:
             f.bytes_list.value.append(v if isinstance(v, bytes) else v.encode())
     return ex
@@ -47,6 +49,26 @@ def test_example_bytes_equal_tensorflows(tf):
         r = _record(label=label)
         ex = _tf_example(tf, r)
         assert serialize_example(r.features()) == ex.SerializeToString(deterministic=True)
+
+
+def test_float_features_byte_identical_and_read_back(tf):
+    """Quality scores are float32 lists: the same bytes as TensorFlow's, and both parsers
+    read the float32 value back."""
+    import dataclasses
+
+    import numpy as np
+
+    from tfrecord_writer.schema import tf_feature_spec
+
+    for score, label in ((0.8731, "good"), (0.0, "reject"), (1.0, "usable"), (-1.0, "")):
+        r = dataclasses.replace(_record(), quality_score=score, quality_label=label)
+        ours = serialize_example(r.features())
+        assert ours == _tf_example(tf, r).SerializeToString(deterministic=True)
+        got = parse_example(ours)
+        assert got["image/quality/score"] == float(np.float32(score))
+        assert got["image/quality/label"] == label.encode()
+        parsed = tf.io.parse_single_example(ours, tf_feature_spec())
+        assert float(parsed["image/quality/score"]) == float(np.float32(score))
 
 
 def test_parse_example_reads_tensorflows_examples(tf):

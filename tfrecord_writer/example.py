@@ -9,6 +9,7 @@ never does. The two formats are small and stable:
     Feature  { oneof { BytesList bytes_list = 1; FloatList float_list = 2;
                        Int64List int64_list = 3; } }
     BytesList { repeated bytes value = 1; }   Int64List { repeated int64 value = 1 [packed]; }
+    FloatList { repeated float value = 1 [packed]; }  (little-endian IEEE float32)
 - TFRecord: uint64 length (LE), uint32 masked CRC-32C of the length, data, uint32 masked
   CRC-32C of the data.
 
@@ -52,6 +53,8 @@ def _feature(kind: str, value) -> bytes:
     if kind == "int64":
         packed = _varint(int(value))
         return _field(3, _field(1, packed))  # Feature.int64_list{packed value}
+    if kind == "float":
+        return _field(2, _field(1, struct.pack("<f", float(value))))  # Feature.float_list
     raise ValueError(f"unsupported feature kind {kind!r}")
 
 
@@ -92,14 +95,18 @@ def _fields(buf: bytes):
         elif wire == 0:
             v, i = _read_varint(buf, i)
             yield number, v
+        elif wire == 5:  # fixed32: an unpacked float
+            yield number, struct.unpack("<f", buf[i:i + 4])[0]
+            i += 4
         else:
             raise ValueError(f"unsupported protobuf wire type {wire}")
 
 
-def parse_example(data: bytes) -> dict[str, bytes | int]:
-    """A ``tf.train.Example`` with single-valued bytes / int64 features (any Example this
-    package writes, or TensorFlow's serialisation of it) back to {key: value}."""
-    out: dict[str, bytes | int] = {}
+def parse_example(data: bytes) -> dict[str, bytes | int | float]:
+    """A ``tf.train.Example`` with single-valued bytes / int64 / float features (any Example
+    this package writes, or TensorFlow's serialisation of it) back to {key: value}; floats
+    come back as the float32 value stored, as a Python float."""
+    out: dict[str, bytes | int | float] = {}
     for _, features in (f for f in _fields(data) if f[0] == 1):
         for _, entry in (f for f in _fields(features) if f[0] == 1):
             parts = dict(_fields(entry))
@@ -119,6 +126,9 @@ def parse_example(data: bytes) -> dict[str, bytes | int]:
                     out[key] = ints[0] - (1 << 64) if ints[0] >= 1 << 63 else ints[0]
                 elif kind == 1:
                     out[key] = values[0]
+                elif kind == 2:  # float_list, packed or not
+                    v = values[0]
+                    out[key] = v if isinstance(v, float) else struct.unpack("<f", v[:4])[0]
     return out
 
 

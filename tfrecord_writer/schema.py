@@ -12,13 +12,15 @@ Every record is a ``tf.train.Example`` with these features (docs/FORMAT.md):
     image/patient_id       bytes   e.g. b"10"
     image/eye              bytes   b"left" | b"right" | b""
     image/source_sha256    bytes   hex SHA-256 of the original file's bytes
+    image/quality/score    float   gradability score in [0, 1] (pipeline/quality.py)
+    image/quality/label    bytes   b"good" | b"usable" | b"reject"
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-# key -> (kind, python type). kind is the Example list type: "bytes" or "int64".
+# key -> (kind, python type). kind is the Example list type: "bytes", "int64" or "float".
 FEATURES: dict[str, tuple[str, type]] = {
     "image/encoded": ("bytes", bytes),
     "image/format": ("bytes", str),
@@ -30,7 +32,11 @@ FEATURES: dict[str, tuple[str, type]] = {
     "image/patient_id": ("bytes", str),
     "image/eye": ("bytes", str),
     "image/source_sha256": ("bytes", str),
+    "image/quality/score": ("float", float),
+    "image/quality/label": ("bytes", str),
 }
+# What a parser reads for the quality of shards written before it was recorded.
+QUALITY_UNKNOWN = (-1.0, b"")
 
 REFERABLE_MIN_GRADE = 2  # "referable" DR: moderate non-proliferative or worse
 
@@ -48,6 +54,8 @@ class Record:
     patient_id: str
     eye: str
     source_sha256: str
+    quality_score: float = QUALITY_UNKNOWN[0]
+    quality_label: str = ""
 
     @property
     def referable(self) -> int:
@@ -65,6 +73,8 @@ class Record:
             "image/patient_id": self.patient_id,
             "image/eye": self.eye,
             "image/source_sha256": self.source_sha256,
+            "image/quality/score": self.quality_score,
+            "image/quality/label": self.quality_label,
         }
 
 
@@ -72,5 +82,9 @@ def tf_feature_spec():
     """The ``tf.io.parse_single_example`` spec for :data:`FEATURES` (imports TensorFlow)."""
     import tensorflow as tf
 
-    dtype = {"bytes": tf.string, "int64": tf.int64}
-    return {k: tf.io.FixedLenFeature([], dtype[kind]) for k, (kind, _) in FEATURES.items()}
+    dtype = {"bytes": tf.string, "int64": tf.int64, "float": tf.float32}
+    spec = {k: tf.io.FixedLenFeature([], dtype[kind]) for k, (kind, _) in FEATURES.items()}
+    # Shards written before quality was recorded still parse (score -1, label b"").
+    spec["image/quality/score"] = tf.io.FixedLenFeature([], tf.float32, QUALITY_UNKNOWN[0])
+    spec["image/quality/label"] = tf.io.FixedLenFeature([], tf.string, QUALITY_UNKNOWN[1])
+    return spec

@@ -30,10 +30,36 @@ def shard_files(data_dir: str | Path, split: str) -> list[str]:
     return files
 
 
-def split_counts(data_dir: str | Path, split: str) -> list[int]:
-    """Photos per grade in a split, from drpipe_info.json (no pass over the data)."""
+def split_counts(data_dir: str | Path, split: str,
+                 min_quality: float | None = None) -> list[int]:
+    """Photos per grade in a split, from drpipe_info.json (no pass over the data); with
+    ``min_quality``, of the photos whose recorded quality score reaches it (manifest)."""
+    if min_quality is not None:
+        return quality_counts(data_dir, split, min_quality)
     info = load_info(data_dir)
     return list(info["counts"][split])
+
+
+def quality_counts(data_dir: str | Path, split: str, min_quality: float) -> list[int]:
+    """Photos per grade in ``split`` scoring at least ``min_quality``, from the manifest the
+    shards were written with; compared in float32, as the filter on the shards compares."""
+    import csv
+
+    import numpy as np
+
+    path = Path(data_dir) / "data_manifest.csv"
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if rows and "quality_score" not in rows[0]:
+        raise ValueError(f"{data_dir}: these shards have no recorded quality (preprocessed by "
+                         "an older drpipe); re-run drpipe preprocess to use --min-quality")
+    counts = [0] * 5
+    bar = np.float32(min_quality)
+    for r in rows:
+        if r["status"] == "ok" and r["split"] == split and r["quality_score"] and \
+                np.float32(r["quality_score"]) >= bar:
+            counts[int(r["label"])] += 1
+    return counts
 
 
 def target_for(task: str, grade: tf.Tensor) -> tf.Tensor:
@@ -97,13 +123,16 @@ def _parse(data_dir, image_size: int):
 def make_dataset(data_dir: str | Path, split: str, *, image_size: int, batch_size: int,
                  task: str = "grade", training: bool = False, balance: str = "none",
                  target_distribution=EQUAL, seed: int = 0,
-                 shuffle_buffer: int = 1024) -> tf.data.Dataset:
+                 shuffle_buffer: int = 1024,
+                 min_quality: float | None = None) -> tf.data.Dataset:
     """(images [B, S, S, 3] float32 0..255, targets) batches from a split's shards.
 
     Args:
       balance: "none", "weights" (the caller passes class weights to fit; the data is
         unchanged) or "resample" (draw grades in ``target_distribution`` from per-grade
         streams — no records duplicated on disk).
+      min_quality: keep only records whose recorded ``image/quality/score`` reaches it
+        (``drpipe train --min-quality``); shards need not be written again.
     """
     files = shard_files(data_dir, split)
     parse = _parse(data_dir, image_size)
@@ -115,6 +144,11 @@ def make_dataset(data_dir: str | Path, split: str, *, image_size: int, batch_siz
         ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
     ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 8),
                        num_parallel_calls=AUTOTUNE, deterministic=not training)
+    if min_quality is not None:
+        quality_spec = {"image/quality/score": tf_feature_spec()["image/quality/score"]}
+        bar = tf.constant(min_quality, tf.float32)
+        ds = ds.filter(lambda s: tf.io.parse_single_example(
+            s, quality_spec)["image/quality/score"] >= bar)
     # Shuffle and resample serialised records (~75 KB each), before decoding: a buffer of
     # decoded images costs hundreds of MB and decodes the data several times over before
     # the first batch.
@@ -124,7 +158,7 @@ def make_dataset(data_dir: str | Path, split: str, *, image_size: int, batch_siz
         def grade(s):
             return tf.io.parse_single_example(s, label_spec)["image/class/label"]
 
-        counts = split_counts(data_dir, split)
+        counts = split_counts(data_dir, split, min_quality)
         if task == "referable" and tuple(target_distribution) == EQUAL:
             target_distribution = referable_balance(counts)
         present = [k for k, n in enumerate(counts) if n > 0]

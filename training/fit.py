@@ -64,6 +64,14 @@ class TrainConfig:
     # (0 = off): see recompute_batchnorm
     precise_bn: int = 100
     target_distribution: tuple[float, ...] = (0.2, 0.2, 0.2, 0.2, 0.2)
+    # Train and validate only on photos whose recorded quality reaches this: "usable",
+    # "good" or a score (pipeline/quality.py); None = all photos.
+    min_quality: str | None = None
+
+    def min_score(self) -> float | None:
+        from pipeline.quality import parse_min_quality
+
+        return None if self.min_quality is None else parse_min_quality(self.min_quality)
 
     def total_epochs(self) -> int:
         return self.epochs + self.fine_tune_epochs
@@ -359,21 +367,24 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     log(f"devices: {devices['gpus']} GPU(s), mixed precision "
         f"{'on' if devices['mixed_precision'] else 'off'}, {devices['replicas']} replica(s)")
 
-    counts = split_counts(cfg.data, cfg.train_split)
+    counts = split_counts(cfg.data, cfg.train_split, cfg.min_score())
     n_train = sum(counts)
     if n_train == 0:
-        raise TrainError(f"split {cfg.train_split!r} of {cfg.data} is empty")
+        raise TrainError(f"split {cfg.train_split!r} of {cfg.data} is empty"
+                         + (f" at --min-quality {cfg.min_quality}" if cfg.min_quality else ""))
+    if cfg.min_quality:
+        log(f"--min-quality {cfg.min_quality}: {n_train} training photos reach it")
     steps = cfg.steps_per_epoch or max(1, math.ceil(n_train / cfg.batch_size))
     train_ds = make_dataset(cfg.data, cfg.train_split, image_size=cfg.image_size,
                             batch_size=cfg.batch_size, task=cfg.task, training=True,
                             balance=cfg.balance, target_distribution=cfg.target_distribution,
-                            seed=cfg.seed)
+                            seed=cfg.seed, min_quality=cfg.min_score())
     val_ds = make_dataset(cfg.data, cfg.val_split, image_size=cfg.image_size,
-                          batch_size=cfg.batch_size, task=cfg.task)
+                          batch_size=cfg.batch_size, task=cfg.task, min_quality=cfg.min_score())
     # Shuffled, with the split's own grade mix (not resampled): the photos inference sees.
     bn_ds = make_dataset(cfg.data, cfg.train_split, image_size=cfg.image_size,
                          batch_size=cfg.batch_size, task=cfg.task, training=True,
-                         seed=cfg.seed + 1) if cfg.precise_bn else None
+                         seed=cfg.seed + 1, min_quality=cfg.min_score()) if cfg.precise_bn else None
     weights = None
     if cfg.balance == "weights":
         cw = class_weights(counts)
@@ -418,20 +429,21 @@ def evaluate_model(model, cfg: TrainConfig, split: str, run: Path, data: str | N
     from training.data import make_dataset
 
     ds = make_dataset(data or cfg.data, split, image_size=cfg.image_size,
-                      batch_size=cfg.batch_size, task=cfg.task)
+                      batch_size=cfg.batch_size, task=cfg.task, min_quality=cfg.min_score())
     y, out = predict(model, ds, cfg.task)
     if cfg.task == "regression" and thresholds is None:
         thresholds = M.kappa_thresholds(y, out[:, 0]) if len(y) else None
     r = scores(cfg.task, y, out, thresholds)
     r.update(split=split, data=str(Path(data or cfg.data).resolve()), model=cfg.model,
-             task=cfg.task)
+             task=cfg.task, min_quality=cfg.min_quality)
     plot_confusion(r, run / f"confusion_{split}.png")
     return r
 
 
 def evaluate(run: str | Path, data: str | None = None, split: str = "test",
-             checkpoint: str = "final") -> dict:
-    """``drpipe evaluate``: metrics of a finished run's model on any split."""
+             checkpoint: str = "final", min_quality: str | None = "run") -> dict:
+    """``drpipe evaluate``: metrics of a finished run's model on any split. ``min_quality``:
+    "run" (the run's own --min-quality), None (every photo) or usable / good / a score."""
     import keras
 
     import training.models  # noqa: F401 - registers the custom layers for loading
@@ -441,6 +453,8 @@ def evaluate(run: str | Path, data: str | None = None, split: str = "test",
         cfg = TrainConfig(**_tuples(json.loads((run / "config.json").read_text())))
     except FileNotFoundError:
         raise TrainError(f"{run}: not a drpipe run (no config.json)") from None
+    if min_quality != "run":
+        cfg = dataclasses.replace(cfg, min_quality=min_quality)
     path = model_path(run, checkpoint)
     if not path.exists():
         raise TrainError(f"{path} does not exist (is the run finished?)")
