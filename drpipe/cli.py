@@ -52,14 +52,30 @@ def _load_config_file(ctx, param, value):
     by_option = {opt[2:].replace("-", "_"): p.name for p in ctx.command.params
                  for opt in p.opts if opt.startswith("--") and p.name}
     by_option.pop("config", None)
+    params = {p.name: p for p in ctx.command.params}
     defaults = {}
     for key, v in data.items():
         name = by_option.get(key.replace("-", "_"))
         if name is None:
             raise click.BadParameter(f"{value}: unknown option {key!r}")
-        defaults[name] = v
+        defaults[name] = _config_value(value, key, v, params[name])
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
+
+
+def _config_value(file, key, v, param):
+    """A TOML value checked against its option: click would turn 64.7 into 64 and fail
+    on a list with a traceback."""
+    def bad(what):
+        return click.BadParameter(f"{file}: {key} = {v!r}: {what}")
+    if isinstance(v, (list, dict)) and not (param.multiple or param.nargs != 1):
+        raise bad("expected a single value")
+    flag = getattr(param, "is_flag", False)
+    if flag != isinstance(v, bool):
+        raise bad("expected true or false" if flag else "expected a value, not a boolean")
+    if isinstance(param.type, click.types.IntParamType) and isinstance(v, float):
+        raise bad("expected an integer")
+    return v
 
 
 def _filter_option(f):
@@ -292,6 +308,10 @@ def preprocess(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_me
         summary_json.write_text(json.dumps(summary, indent=2) + "\n")
     if not quiet:
         _print_summary(summary, out)
+    if not summary["ok"]:  # nothing to train on is a failed run, never a silent exit 0
+        reasons = ", ".join(f"{k} {v}" for k, v in summary["rejected_by_reason"].items())
+        raise DrpipeError(f"no usable photo: {summary['photos']} found, {summary['rejected']} "
+                          f"rejected ({reasons or 'none'}; see {out / 'data_manifest.csv'})")
     if strict and summary["rejected"]:
         raise DrpipeError(f"--strict: {summary['rejected']} photo(s) rejected "
                           f"(reasons in {out / 'data_manifest.csv'})")

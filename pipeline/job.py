@@ -127,7 +127,9 @@ def process_batch(root: str, items: list[dict], config: ProcessConfig) -> dict:
         else:
             row["sha256"] = hashlib.sha256(data).hexdigest()
             row["bytes"] = len(data)
-            result = process(data, config)
+            # several files share this id: which one the label is for is unknown
+            result = (Rejection(*it["ambiguous"].split(": ", 1)) if it.get("ambiguous")
+                      else process(data, config))
         if isinstance(result, ProcessedImage):
             c = result.circle
             row.update(width=result.original_width, height=result.original_height,
@@ -180,11 +182,12 @@ class _Lock:
 def _input_fingerprint(source: Source, photos) -> str:
     h = hashlib.sha256()
     for p in photos:
-        try:
-            size = os.stat(source.root / p.path).st_size
+        try:  # size and mtime: a photo rewritten in place at the same size is noticed
+            st = os.stat(source.root / p.path)
+            size = f"{st.st_size}\t{st.st_mtime_ns}"
         except OSError:
             size = -1
-        h.update(f"{p.image_id}\t{p.path}\t{p.label}\t{size}\n".encode())
+        h.update(f"{p.image_id}\t{p.path}\t{p.label}\t{size}\t{p.ambiguous}\n".encode())
     for r in source.labels_without_photo:
         h.update(f"{r.image_id}\t-\t{r.label}\n".encode())
     return h.hexdigest()[:16]
@@ -310,7 +313,8 @@ def _run(config: JobConfig, opts: RunOptions, progress_factory) -> dict:
 
         # Splits come from the labels alone (drpipe split gives the same), never from
         # which photos happened to decode.
-        split_rows = [(p.image_id, p.patient_id, p.label) for p in photos if p.label is not None]
+        split_rows = list({p.image_id: (p.image_id, p.patient_id, p.label) for p in photos
+                           if p.label is not None}.values())  # an id shared by files: once
         split_rows += [(r.image_id, r.patient_id, r.label) for r in missing]
         splits = assign_splits(split_rows, config.split, config.seed)
 
