@@ -27,6 +27,18 @@ class DrpipeError(click.ClickException):
         click.echo(f"drpipe: error: {self.format_message()}", err=True)
 
 
+class MissingInputError(DrpipeError):
+    """A missing input (--src, --data): one line, exit code 2, as a usage error."""
+
+    exit_code = 2
+
+
+def _need_shards(data) -> None:
+    if not (Path(data) / "dataset_info.json").exists():
+        raise MissingInputError(f"{data}: no drpipe shards here (no dataset_info.json); run "
+                                "drpipe preprocess first, or give --data")
+
+
 class InputDataError(DrpipeError):
     """Bad labels or an unknown source layout: one line, exit code 3."""
 
@@ -286,6 +298,8 @@ def preprocess(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_me
         ratios = parse_split_spec(split_spec)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--split") from None
+    if not src.is_dir():  # before --out is created: a typo leaves nothing behind
+        raise MissingInputError(f"--src {src}: no such directory")
     cfg = JobConfig(src=str(src), out=str(out),
                     process=make_process_config(size, filter_, quality, clahe_clip,
                                                 clahe_tiles, max_megapixels, min_side, fmt),
@@ -462,9 +476,14 @@ def train(resume, **kw):
     from training import MODEL_NAMES, WeightsUnavailable
     from training.fit import TrainConfig, TrainError, default_run_dir, load_config
     from training.fit import train as run_training
+    from training.runs import RunError
 
     if resume:
-        cfg = load_config(resume)
+        try:
+            cfg = load_config(resume)
+        except RunError as e:
+            raise DrpipeError(str(e)) from None
+        cfg = _resume_config(cfg, resume, kw)
     else:
         if kw["model"] not in MODEL_NAMES:
             raise click.BadParameter(f"unknown model {kw['model']!r}; choose from "
@@ -472,11 +491,38 @@ def train(resume, **kw):
         kw["out"] = kw["out"] or default_run_dir()
         kw["data"] = str(Path(kw["data"]).resolve())  # predict/evaluate run from anywhere
         cfg = TrainConfig(**kw)
+    _need_shards(cfg.data)
     try:
         result = run_training(cfg, resume=bool(resume), log=click.echo)
-    except (TrainError, WeightsUnavailable, FileNotFoundError, ValueError) as e:
+    except (TrainError, RunError, WeightsUnavailable, FileNotFoundError, ValueError) as e:
         raise DrpipeError(str(e)) from None
     _echo_metrics(result, cfg.out)
+
+
+def _resume_config(cfg, resume: Path, kw: dict):
+    """``train --resume DIR``: DIR's own configuration, for DIR itself (a moved or copied run
+    resumes where it is, not at the ``out`` it was started with). An option given with it
+    must agree with the run: a different value is refused, never ignored."""
+    import dataclasses
+
+    ctx = click.get_current_context()
+    recorded = dataclasses.asdict(cfg)
+    for name, value in kw.items():
+        source = ctx.get_parameter_source(name)
+        if source in (None, click.core.ParameterSource.DEFAULT) or name not in recorded:
+            continue
+        if name in ("out", "data"):
+            same = value is not None and (Path(value).resolve() == (
+                Path(resume).resolve() if name == "out" else Path(recorded[name]).resolve()))
+        else:
+            same = value == recorded[name] or (isinstance(value, tuple)
+                                               and list(value) == list(recorded[name]))
+        if not same:
+            flag = "--" + name.replace("_", "-")
+            raise click.UsageError(f"--resume {resume}: {flag} {value} conflicts with the "
+                                   f"run's {recorded[name]!r}; a resumed run keeps its "
+                                   "configuration (start a new run to change it)")
+    return dataclasses.replace(cfg, out=str(resume))
 
 
 def _echo_metrics(r: dict, run) -> None:
@@ -503,10 +549,11 @@ def evaluate(run, data, split, checkpoint):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from training.fit import TrainError
     from training.fit import evaluate as run_eval
+    from training.runs import RunError
 
     try:
         r = run_eval(run, data, split, checkpoint)
-    except (TrainError, FileNotFoundError) as e:
+    except (TrainError, RunError, FileNotFoundError) as e:
         raise DrpipeError(str(e)) from None
     _echo_metrics(r, run)
 
@@ -538,6 +585,7 @@ def predict(run, sources, out, checkpoint, exported):
 
     from training.ensemble import EnsembleError
     from training.fit import TrainError, load_config, model_path
+    from training.runs import RunError, recorded_identity
 
     ensemble = (run / "ensemble.json").exists()
     members = [run]
@@ -549,9 +597,10 @@ def predict(run, sources, out, checkpoint, exported):
     for member in members:
         try:
             cfg = load_config(member)
-        except FileNotFoundError:
-            raise DrpipeError(f"{member}: not a drpipe run (no config.json)") from None
-        if not (Path(cfg.data) / "dataset_info.json").exists():
+            recorded = recorded_identity(member)  # the preprocessing to repeat, if recorded
+        except RunError as e:
+            raise DrpipeError(str(e)) from None
+        if not recorded and not (Path(cfg.data) / "dataset_info.json").exists():
             raise DrpipeError(f"{member} was trained on {cfg.data}, whose dataset_info.json "
                               "(the preprocessing to repeat) is missing")
         if not exported and not model_path(member, checkpoint).exists():
@@ -597,10 +646,15 @@ def explain(run, images, out, class_index):
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from training.explain import explain_photos
+    from training.runs import RunError
 
     if not (run / "model.keras").exists():
         raise DrpipeError(f"{run}: no model.keras (is the run finished?)")
-    for target, result in explain_photos(run, images, out, class_index):
+    try:
+        results = explain_photos(run, images, out, class_index)
+    except RunError as e:
+        raise DrpipeError(str(e)) from None
+    for target, result in results:
         if isinstance(result, tuple):
             click.echo(f"{target}: grade {result[0]}")
         else:
@@ -741,9 +795,7 @@ def tune(data, lrs, batch_sizes, grids, out, train_args):
         if any(a == flag or a.startswith(flag + "=") for a in fixed):
             raise click.UsageError(f"{flag} is set by drpipe tune, not per run")
     if "data" not in grid:
-        if not (data / "dataset_info.json").exists():
-            raise DrpipeError(f"{data}: no drpipe shards here (no dataset_info.json); run "
-                              "drpipe preprocess first, or give --data")
+        _need_shards(data)
         fixed = ["--data", str(data.resolve()), *fixed]
     out = out or Path("runs") / f"tune-{time.strftime('%Y%m%d-%H%M%S')}"
     points = plan(grid, out)
@@ -801,6 +853,9 @@ def report(data, runs, out, examples):
             cfg = json.loads((runs[0] / "config.json").read_text()) if (
                 runs[0] / "config.json").exists() else {}
             data = Path(cfg.get("data", data))
+    if not (data / "dataset_info.json").exists():
+        raise MissingInputError(f"{data}: no drpipe shards here (no dataset_info.json); "
+                                "give --data")
     try:
         page = build(data, runs, per_grade=examples)
     except ReportError as e:

@@ -39,7 +39,7 @@ import numpy as np
 
 from pipeline import manifest
 from pipeline.process import ProcessConfig, ProcessedImage, Rejection, process, read_photo
-from pipeline.sources import Source, detect_source
+from pipeline.sources import Source, SourceError, detect_source
 from pipeline.split import assign_splits
 from tfrecord_writer.example import serialize_example
 from tfrecord_writer.schema import FEATURES, Record
@@ -293,6 +293,8 @@ def run(config: JobConfig, opts: RunOptions, progress_factory=None) -> dict:
 def _run(config: JobConfig, opts: RunOptions, progress_factory) -> dict:
     t0 = time.time()
     out = Path(config.out)
+    if not Path(config.src).is_dir():  # before --out is made: nothing left behind
+        raise SourceError(f"{config.src}: no such directory")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

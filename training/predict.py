@@ -55,10 +55,11 @@ def predict_photos(run: str | Path, sources, checkpoint: str = "final",
     from training.data import image_decoder
     from training.fit import load_config, model_path
     from training.metrics import apply_thresholds
+    from training.runs import process_config
 
     run = Path(run)
     cfg = load_config(run)
-    proc = process_config_of(cfg.data)
+    proc = process_config(run, cfg.data)  # as recorded at train time
     if exported:
         from training.export import runner
 
