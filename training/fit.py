@@ -443,10 +443,6 @@ def evaluate_model(model, cfg: TrainConfig, split: str, run: Path, data: str | N
 def evaluate(run: str | Path, data: str | None = None, split: str = "test",
              checkpoint: str = "final") -> dict:
     """``drpipe evaluate``: metrics of a finished run's model on any split."""
-    import keras
-
-    import training.models  # noqa: F401 - registers the custom layers for loading
-
     run = Path(run)
     cfg = load_config(run)
     own = data is None or Path(data).resolve() == Path(cfg.data).resolve()
@@ -457,6 +453,10 @@ def evaluate(run: str | Path, data: str | None = None, split: str = "test",
     path = model_path(run, checkpoint)
     if not path.exists():
         raise TrainError(f"{path} does not exist (is the run finished?)")
+    import keras
+
+    import training.models  # noqa: F401 - registers the custom layers for loading
+
     model = keras.saving.load_model(path)
     thresholds = None
     if cfg.task == "regression" and (run / "metrics.json").exists():

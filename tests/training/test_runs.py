@@ -1,0 +1,185 @@
+"""A run is tied to the data it learnt from; --resume resumes the run it is given, refuses
+options that conflict with it, and finishes a run killed before model.keras (issue 10 B).
+One tiny run (cnn-small, 32 px, 1 epoch) on tiny synthetic shards, copied where a test
+changes it."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.training.test_train import drpipe
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+TINY = ("--model", "cnn-small", "--image-size", 32, "--epochs", 1, "--batch-size", 8,
+        "--precise-bn", 2, "--checkpoint-every", 0)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("runs")
+    drpipe("synth", "--out", d / "raw", "--n", 40, "--seed", 5, "--quiet")
+    drpipe("preprocess", "--src", d / "raw", "--out", d / "shards", "--size", 64,
+           "--split", "train=0.5,val=0.25,test=0.25", "--workers", 1, "--quiet")
+    drpipe("train", "--data", d / "shards", *TINY, "--out", d / "run")
+    return d
+
+
+def _copy(base: Path, tmp_path: Path, data: bool = False) -> tuple[Path, Path]:
+    """A copy of the run (and of its shards, the copy's config.json pointing at them)."""
+    run = tmp_path / "run"
+    shutil.copytree(base / "run", run)
+    shards = base / "shards"
+    if data:
+        shards = tmp_path / "shards"
+        shutil.copytree(base / "shards", shards)
+        cfg = json.loads((run / "config.json").read_text())
+        cfg["data"] = str(shards)
+        cfg["data_identity"]["path"] = str(shards)
+        (run / "config.json").write_text(json.dumps(cfg))
+    return run, shards
+
+
+def test_config_records_the_shards_identity(base):
+    cfg = json.loads((base / "run/config.json").read_text())
+    info = json.loads((base / "shards/dataset_info.json").read_text())
+    rec = cfg["data_identity"]
+    assert rec["config_hash"] == info["config_hash"] and rec["input_hash"] == info["input_hash"]
+    assert rec["process"] == info["config"]["process"] and rec["process"]["size"] == 64
+    assert rec["path"] == str((base / "shards").resolve())
+
+
+def test_remade_shards_are_refused_and_predict_keeps_its_preprocessing(base, tmp_path):
+    run, shards = _copy(base, tmp_path, data=True)
+    photos = base / "raw" / "train"
+    drpipe("predict", run, "--src", photos, "--out", tmp_path / "before.csv")
+    # the same folder re-made with other settings: the run must not silently follow it
+    drpipe("preprocess", "--src", base / "raw", "--out", shards, "--size", 48, "--overwrite",
+           "--split", "train=0.5,val=0.25,test=0.25", "--workers", 1, "--quiet")
+    for cmd in (["evaluate", run, "--split", "test"], ["export", run]):
+        r = drpipe(*cmd, check=False)
+        assert r.returncode == 1, (cmd, r.stderr)
+        assert "preprocessed with other settings" in r.stderr and "size 48" in r.stderr, r.stderr
+        assert r.stderr.count("\n") == 1, r.stderr  # one line
+    drpipe("predict", run, "--src", photos, "--out", tmp_path / "after.csv")
+    before = (tmp_path / "before.csv").read_text()
+    assert before == (tmp_path / "after.csv").read_text()  # the recorded preprocessing
+    unfinished = tmp_path / "unfinished"  # a run killed mid-way does not resume on them
+    shutil.copytree(run, unfinished)
+    (unfinished / "model.keras").unlink()
+    r = drpipe("train", "--resume", unfinished, check=False)
+    assert r.returncode == 1 and "preprocessed with other settings" in r.stderr, r.stderr
+    # same settings, other photos (one fewer): refused too, and says why
+    drpipe("preprocess", "--src", base / "raw", "--out", shards, "--size", 64, "--overwrite",
+           "--split", "train=0.5,val=0.25,test=0.25", "--workers", 1, "--quiet", "--limit", 39)
+    r = drpipe("evaluate", run, "--split", "test", check=False)
+    assert r.returncode == 1 and "is not the data" in r.stderr, r.stderr
+    # other shards given with --data, preprocessed as the run's: accepted
+    r = drpipe("evaluate", run, "--data", base / "shards", "--split", "val")
+    assert "val: n=" in r.stdout
+
+
+def test_evaluate_split_is_a_name_not_a_pattern(base):
+    for split in ("*", "t*", "nosuch"):
+        r = drpipe("evaluate", base / "run", "--split", split, check=False)
+        assert r.returncode == 1 and f"has no split {split!r}" in r.stderr, r.stderr
+    assert not list((base / "run").glob("metrics-*[*]*"))
+
+
+def test_resume_resumes_the_directory_it_is_given(base, tmp_path):
+    """A copy of a run killed before its final model: --resume COPY finishes COPY, never
+    the directory named in its config.json."""
+    run, _ = _copy(base, tmp_path)
+    original = {p: p.stat().st_mtime_ns for p in (base / "run").rglob("*") if p.is_file()}
+    (run / "model.keras").unlink()
+    (run / "metrics.json").unlink()
+    drpipe("train", "--resume", run)
+    assert (run / "model.keras").exists() and (run / "metrics.json").exists()
+    assert {p: p.stat().st_mtime_ns for p in (base / "run").rglob("*")
+            if p.is_file()} == original  # the original run is untouched
+
+
+def test_resume_refuses_options_that_conflict_with_the_run(base):
+    run = base / "run"
+    for opt in (["--epochs", 5], ["--lr", 0.5], ["--model", "resnetv2-small"],
+                ["--data", base / "raw"], ["--batch-size", 4], ["--out", base / "elsewhere"]):
+        r = drpipe("train", "--resume", run, *opt, check=False)
+        assert r.returncode == 2, (opt, r.stderr)
+        assert "conflicts with the run's" in r.stderr and opt[0] in r.stderr, r.stderr
+    # the run's own values are no conflict (it is finished, so that is what is reported)
+    r = drpipe("train", "--resume", run, "--epochs", 1, "--data", base / "shards", check=False)
+    assert r.returncode == 1 and "already finished" in r.stderr, r.stderr
+
+
+def test_a_kill_after_the_last_phase_and_before_model_keras_can_finish(base, tmp_path):
+    """The state on disk of a kill between phase1.weights.h5 and model.keras: --resume
+    writes the final model from those weights (it died with UnboundLocalError)."""
+    import keras
+    import numpy as np
+
+    import training.models  # noqa: F401
+
+    run, _ = _copy(base, tmp_path)
+    model = keras.saving.load_model(run / "model.keras")
+    model.save_weights(run / "phase1.weights.h5")
+    want = json.loads((run / "metrics.json").read_text())
+    for f in ("model.keras", "metrics.json"):
+        (run / f).unlink()
+    r = drpipe("train", "--resume", run)
+    assert "phase 1 had finished" in r.stdout
+    got = json.loads((run / "metrics.json").read_text())
+    assert got["confusion_matrix"] == want["confusion_matrix"]
+    assert got["quadratic_kappa"] == pytest.approx(want["quadratic_kappa"], abs=1e-9)
+    final = keras.saving.load_model(run / "model.keras")
+    for a, b in zip(model.weights, final.weights, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not (run / "phase1.weights.h5").exists()
+
+
+def test_ensemble_refuses_members_trained_on_other_photos(base, tmp_path):
+    other = tmp_path / "shards"
+    drpipe("preprocess", "--src", base / "raw", "--out", other, "--size", 64, "--seed", 9,
+           "--split", "train=0.5,val=0.25,test=0.25", "--workers", 1, "--quiet")
+    drpipe("train", "--data", other, *TINY, "--out", tmp_path / "run2")
+    r = drpipe("ensemble", base / "run", tmp_path / "run2", "--out", tmp_path / "e",
+               check=False)
+    assert r.returncode == 1 and "other photos or splits" in r.stderr, r.stderr
+    assert not (tmp_path / "e").exists()
+
+
+def test_ensemble_scores_each_member_on_its_own_shards(base, tmp_path):
+    """Two preprocessings of the same photos and split (tune --grid data=...): each member
+    is scored on its own shards, with the metrics drpipe evaluate gives it."""
+    other = tmp_path / "shards-none"
+    drpipe("preprocess", "--src", base / "raw", "--out", other, "--size", 64, "--filter",
+           "none", "--split", "train=0.5,val=0.25,test=0.25", "--workers", 1, "--quiet")
+    drpipe("train", "--data", other, *TINY, "--out", tmp_path / "run2")
+    mine = tmp_path / "run1"
+    shutil.copytree(base / "run", mine)
+    drpipe("ensemble", mine, tmp_path / "run2", "--method", "mean", "--split", "test",
+           "--out", tmp_path / "e")
+    rep = json.loads((tmp_path / "e/ensemble.json").read_text())
+    for run, m in zip((mine, tmp_path / "run2"), rep["members"], strict=True):
+        drpipe("evaluate", run, "--split", "test")
+        ev = json.loads((run / "metrics-test.json").read_text())
+        assert m["confusion_matrix"] == ev["confusion_matrix"], run
+
+
+def test_tune_points_never_share_a_directory(tmp_path):
+    from training.tune import plan
+
+    points = plan({"data": ["a/b", "a_b", "a b"], "lr": ["1e-3"]}, tmp_path)
+    assert len({p.dir for p in points}) == 3
+    assert (tmp_path / "data=a_b") in {p.dir for p in points}  # a clean value keeps its name
+
+
+def test_predictions_csv_columns_unchanged(base, tmp_path):
+    drpipe("predict", base / "run", "--src", base / "raw/train", "--out", tmp_path / "p.csv")
+    rows = list(csv.DictReader(open(tmp_path / "p.csv", encoding="utf-8")))
+    assert len(rows) == 40 and all(r["status"] == "ok" for r in rows)
