@@ -81,13 +81,22 @@ def test_predict_errors(run, tmp_path):
 def test_explain_writes_heat_maps(run, tmp_path):
     import cv2
 
+    from training.explain import overlay
+
     photos = sorted((run / "raw/train").glob("*.jpeg"))[:2]
     r = drpipe("explain", run / "run", *photos, "--out", tmp_path / "maps")
     assert r.stdout.count(": grade ") == 2
     for p in photos:
         panel = cv2.imread(str(tmp_path / "maps" / f"{p.stem}_gradcam.png"))
         assert panel.shape == (64, 128, 3)  # the photo | the heat map, at --image-size
-        assert panel[:, 64:].std() > 10  # a map, not a blank
+        rgb = cv2.cvtColor(panel, cv2.COLOR_BGR2RGB)
+        photo, heat = rgb[:, :64], rgb[:, 64:]
+        assert photo.std() > 10  # the processed photo, not a blank
+        # the right half is the photo under a heat map that is not all zero: it differs
+        # from the photo under an empty map (below the label text), by more than rounding
+        empty = overlay(photo, np.zeros((64, 64), np.float32))
+        diff = np.abs(heat[20:].astype(int) - empty[20:].astype(int))
+        assert diff.mean() > 3 and (diff > 30).mean() > 0.05, (diff.mean(), (diff > 30).mean())
     drpipe("explain", run / "run", photos[0], "--out", tmp_path / "one.png", "--class", 4)
     assert cv2.imread(str(tmp_path / "one.png")).shape == (64, 128, 3)
 

@@ -55,6 +55,7 @@ def test_config_records_the_shards_identity(base):
     assert rec["path"] == str((base / "shards").resolve())
 
 
+@pytest.mark.slow
 def test_remade_shards_are_refused_and_predict_keeps_its_preprocessing(base, tmp_path):
     run, shards = _copy(base, tmp_path, data=True)
     photos = base / "raw" / "train"
@@ -142,6 +143,7 @@ def test_a_kill_after_the_last_phase_and_before_model_keras_can_finish(base, tmp
     assert not (run / "phase1.weights.h5").exists()
 
 
+@pytest.mark.slow
 def test_ensemble_refuses_members_trained_on_other_photos(base, tmp_path):
     other = tmp_path / "shards"
     drpipe("preprocess", "--src", base / "raw", "--out", other, "--size", 64, "--seed", 9,
@@ -153,6 +155,7 @@ def test_ensemble_refuses_members_trained_on_other_photos(base, tmp_path):
     assert not (tmp_path / "e").exists()
 
 
+@pytest.mark.slow
 def test_ensemble_scores_each_member_on_its_own_shards(base, tmp_path):
     """Two preprocessings of the same photos and split (tune --grid data=...): each member
     is scored on its own shards, with the metrics drpipe evaluate gives it."""
