@@ -355,7 +355,9 @@ def _print_summary(s: dict, out: Path) -> None:
 
 @main.command()
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              required=True, help="Labels CSV (e.g. Kaggle trainLabels.csv).")
+              required=True, multiple=True,
+              help="Labels CSV (e.g. Kaggle trainLabels.csv); repeatable: a Kaggle source with "
+                   "test/ is split on trainLabels.csv and retinopathy_solution.csv together.")
 @click.option("--id-col", default="image", show_default=True, help="Image id column.")
 @click.option("--label-col", default="level", show_default=True, help="Grade (0-4) column.")
 @click.option("--patient-col", default=None,
@@ -381,7 +383,7 @@ def split(labels, id_col, label_col, patient_col, split_spec, seed, out):
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--split") from None
     try:
-        rows = read_labels(labels, id_col, label_col, patient_col)
+        rows = [r for path in labels for r in read_labels(path, id_col, label_col, patient_col)]
     except LabelError as e:
         raise InputDataError(str(e)) from None
     assignment = assign_splits([(r.image_id, r.patient_id, r.label) for r in rows], ratios, seed)

@@ -315,9 +315,11 @@ def _run(config: JobConfig, opts: RunOptions, progress_factory) -> dict:
 
         # Splits come from the labels alone (drpipe split gives the same), never from
         # which photos happened to decode.
-        split_rows = list({p.image_id: (p.image_id, p.patient_id, p.label) for p in photos
-                           if p.label is not None}.values())  # an id shared by files: once
-        split_rows += [(r.image_id, r.patient_id, r.label) for r in missing]
+        # All of them, --limit or not (a trial gets the full run's split), an id shared by
+        # several files once.
+        split_rows = list({p.image_id: (p.image_id, p.patient_id, p.label)
+                           for p in source.photos if p.label is not None}.values())
+        split_rows += [(r.image_id, r.patient_id, r.label) for r in source.labels_without_photo]
         splits = assign_splits(split_rows, config.split, config.seed)
 
         staging = out / STAGING
