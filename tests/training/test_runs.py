@@ -5,7 +5,6 @@ changes it."""
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -31,10 +30,15 @@ def base(tmp_path_factory) -> Path:
     return d
 
 
-def _copy(base: Path, tmp_path: Path, data: bool = False) -> tuple[Path, Path]:
-    """A copy of the run (and of its shards, the copy's config.json pointing at them)."""
+def _copy(base: Path, tmp_path: Path, data: bool = False,
+          moved: bool = True) -> tuple[Path, Path]:
+    """A copy of the run (and of its shards, the copy's config.json pointing at them).
+    ``moved=False``: its config.json names the copy as its ``out``, as a run made there."""
     run = tmp_path / "run"
     shutil.copytree(base / "run", run)
+    if not moved:
+        cfg = json.loads((run / "config.json").read_text())
+        (run / "config.json").write_text(json.dumps(dict(cfg, out=str(run))))
     shards = base / "shards"
     if data:
         shards = tmp_path / "shards"
@@ -126,7 +130,7 @@ def test_a_kill_after_the_last_phase_and_before_model_keras_can_finish(base, tmp
 
     import training.models  # noqa: F401
 
-    run, _ = _copy(base, tmp_path)
+    run, _ = _copy(base, tmp_path, moved=False)
     model = keras.saving.load_model(run / "model.keras")
     model.save_weights(run / "phase1.weights.h5")
     want = json.loads((run / "metrics.json").read_text())
@@ -182,7 +186,42 @@ def test_tune_points_never_share_a_directory(tmp_path):
     assert (tmp_path / "data=a_b") in {p.dir for p in points}  # a clean value keeps its name
 
 
-def test_predictions_csv_columns_unchanged(base, tmp_path):
-    drpipe("predict", base / "run", "--src", base / "raw/train", "--out", tmp_path / "p.csv")
-    rows = list(csv.DictReader(open(tmp_path / "p.csv", encoding="utf-8")))
-    assert len(rows) == 40 and all(r["status"] == "ok" for r in rows)
+def test_resume_restores_the_optimizer_state(tmp_path):
+    """The resume state holds the optimizer's variables (Adam's step count and moments), and
+    a resumed fit starts from them, not from a fresh optimizer."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from training.fit import TrainConfig, _atomic_backup, _compile, _spec
+    from training.models import build
+
+    cfg = TrainConfig(model="cnn-small", image_size=32, lr=1e-3)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (16, 32, 32, 3)).astype("float32")
+    ds = tf.data.Dataset.from_tensor_slices((x, np.arange(16) % 5)).batch(8)
+    keras.utils.set_random_seed(0)
+    first, _ = build(_spec(cfg))
+    _compile(first, cfg, cfg.lr)
+    first.fit(ds, epochs=1, callbacks=[_atomic_backup(tmp_path)], verbose=0)
+    want = [np.array(v) for v in first.optimizer.variables]
+
+    class Resumed(Exception):
+        pass
+
+    class Grab(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):  # after the backup callback restored the state
+            self.got = [np.array(v) for v in self.model.optimizer.variables]
+            raise Resumed
+
+    second, _ = build(_spec(cfg))
+    _compile(second, cfg, cfg.lr)
+    grab = Grab()
+    with pytest.raises(Resumed):
+        second.fit(ds, epochs=2, callbacks=[_atomic_backup(tmp_path), grab], verbose=0)
+    assert int(first.optimizer.iterations) == 2
+    assert len(grab.got) == len(want) > 2
+    moments = [w for w in want if w.ndim > 0 and np.abs(w).sum() > 0]
+    assert moments  # Adam's moments are not zero after a step
+    for a, b in zip(want, grab.got, strict=True):
+        np.testing.assert_array_equal(a, b)
