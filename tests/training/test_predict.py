@@ -156,6 +156,29 @@ def test_export_grades_like_the_keras_model_on_the_sample(run, sample_dir, tmp_p
     assert 2 < sizes["tflite.tflite"] / sizes["tflite-dynamic.tflite"] < 4.5
 
 
+@pytest.mark.slow
+def test_export_float16_and_int8(run, tmp_path):
+    """float16 halves the float model and keeps its outputs to half precision; int8
+    (weights and activations, calibrated on training photos) quarters it; both grade the
+    validation photos as the Keras model does, but for near-ties."""
+    import json
+
+    sizes, meta = {}, {}
+    for quant in (None, "float16", "int8"):
+        out = tmp_path / f"{quant or 'float'}.tflite"
+        args = ["--quantize", quant] if quant else []
+        r = drpipe("export", run / "run", "--format", "tflite", *args, "--out", out)
+        assert out.stat().st_size > 0 and (quant or "same grade") in r.stdout
+        meta[quant] = json.loads((tmp_path / f"{quant or 'float'}.export.json").read_text())
+        assert meta[quant]["quantize"] == quant and meta[quant]["checked_photos"] == 20
+        sizes[quant] = out.stat().st_size
+    assert 1.6 < sizes[None] / sizes["float16"] < 2.2
+    assert 2.5 < sizes[None] / sizes["int8"] < 4.5
+    assert meta["float16"]["max_abs_diff"] < 5e-3 and meta["float16"]["same_grade"] >= 19
+    assert meta["int8"]["max_abs_diff"] < 0.15 and meta["int8"]["same_grade"] >= 16
+    assert meta["int8"]["max_abs_diff"] > meta["float16"]["max_abs_diff"]
+
+
 def test_export_errors(run):
     r = drpipe("export", run / "run", "--format", "savedmodel", "--quantize", check=False)
     assert r.returncode == 1 and "--quantize applies to --format tflite" in r.stderr

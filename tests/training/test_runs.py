@@ -225,3 +225,60 @@ def test_resume_restores_the_optimizer_state(tmp_path):
     assert moments  # Adam's moments are not zero after a step
     for a, b in zip(want, grab.got, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_optimizer_sgd_patience_and_l1_l2_reach_the_model(base, tmp_path):
+    """--optimizer sgd (momentum 0.9, Nesterov), --patience (stop after N epochs without a
+    better validation kappa) and --l1/--l2 (on the head's Dense kernels) do what they say."""
+    import keras
+    import numpy as np
+
+    import training.models  # noqa: F401
+    from tests.training.test_train import history
+
+    run = tmp_path / "run"
+    drpipe("train", "--data", base / "shards", "--model", "cnn-small", "--image-size", 32,
+           "--epochs", 6, "--batch-size", 8, "--precise-bn", 0, "--checkpoint-every", 0,
+           "--optimizer", "sgd", "--lr", 0, "--patience", 1, "--head", 8, "--l1", 1e-3,
+           "--l2", 1e-2, "--out", run)
+    kappas = [float(h["val_kappa"]) for h in history(run)]
+    assert 2 <= len(kappas) < 6, kappas  # stopped early: lr 0 never improves for long
+    assert max(kappas[-1:]) <= max(kappas[:-1])  # the stop was after a non-improving epoch
+    model = keras.saving.load_model(run / "model.keras")
+    opt = model.optimizer
+    assert isinstance(opt, keras.optimizers.SGD) and opt.nesterov
+    assert float(opt.momentum) == pytest.approx(0.9)
+    dense = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.Dense)
+             and layer.kernel_regularizer is not None]
+    assert len(dense) == 1 and dense[0].units == 8  # the head, not the output layer
+    w = np.asarray(dense[0].kernel)
+    want = 1e-3 * np.abs(w).sum() + 1e-2 * (w ** 2).sum()
+    got = sum(float(loss) for loss in model.losses)
+    assert want > 0 and got == pytest.approx(want, rel=1e-4)
+
+
+def test_png_shards_hold_the_processed_pixels_exactly(base, tmp_path):
+    """--format png: the records hold exactly the processed photo (lossless), and the
+    training reader decodes it to those pixels."""
+    import numpy as np
+    import tensorflow as tf
+
+    from pipeline.process import prepare_or_reject, read_photo
+    from tfrecord_writer.schema import tf_feature_spec
+    from training.predict import process_config_of
+
+    out = tmp_path / "png"
+    drpipe("preprocess", "--src", base / "raw", "--out", out, "--size", 64, "--format", "png",
+           "--split", "train=0.5,val=0.25,test=0.25", "--workers", 1, "--quiet")
+    cfg = process_config_of(out)
+    assert cfg.format == "png"
+    n = 0
+    for rec in tf.data.TFRecordDataset(sorted(str(p) for p in out.glob("*.tfrecord"))):
+        ex = tf.io.parse_single_example(rec, tf_feature_spec())
+        encoded = ex["image/encoded"].numpy()
+        assert encoded[:8] == b"\x89PNG\r\n\x1a\n"
+        image_id = ex["image/id"].numpy().decode()
+        want = prepare_or_reject(read_photo(base / "raw/train" / f"{image_id}.jpeg"), cfg).image
+        np.testing.assert_array_equal(tf.io.decode_png(encoded).numpy(), want)
+        n += 1
+    assert n == 40
