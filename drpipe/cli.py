@@ -575,7 +575,7 @@ def evaluate(run, data, split, checkpoint):
                    "the run's Keras model, with the same preprocessing.")
 def predict(run, sources, out, checkpoint, exported):
     """Grade raw photos with a trained RUN, preprocessed exactly as its training data was
-    (settings read from the run's dataset_info.json): no train/serve skew.
+    (settings recorded in the run's config.json at train time): no train/serve skew.
 
     RUN may also be the output of drpipe ensemble: each member grades with its own
     preprocessing and the ensemble combines them as it was fitted (--checkpoint and
