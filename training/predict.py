@@ -4,9 +4,9 @@ The run's ``config.json`` records the preprocessing of the shards it learnt from
 filter, format, quality, ...; :mod:`training.runs`), so shards re-made since never change
 what it predicts; runs made before that record read their shards' ``dataset_info.json``.
 Each photo goes through the same ``pipeline.process`` steps, is encoded as the records
-were, and is decoded by the same
-function the training reader uses (:func:`training.data.image_decoder`) — so a photo
-reaches the model exactly as its training photos did: no train/serve skew.
+were, and is decoded by the same function the training reader uses
+(:func:`training.data.image_decoder`) — so a photo reaches the model exactly as its
+training photos did: no train/serve skew.
 """
 
 from __future__ import annotations
