@@ -31,7 +31,7 @@ class RunError(RuntimeError):
     """A one-line reason a run directory cannot be used as asked."""
 
 
-def _info(data_dir: str | Path) -> dict:
+def dataset_info(data_dir: str | Path) -> dict:
     """The shards' ``dataset_info.json`` as a dict. The ONE place the run side reads it for
     identity (re-point here if the record moves)."""
     path = Path(data_dir) / "dataset_info.json"
@@ -47,7 +47,7 @@ def _info(data_dir: str | Path) -> dict:
 def data_identity(data_dir: str | Path) -> dict:
     """What a run records about its shards: where, which configuration and inputs (hashes),
     the preprocessing, and the splits with their photo counts."""
-    info = _info(data_dir)
+    info = dataset_info(data_dir)
     return {"path": str(Path(data_dir).resolve()),
             "config_hash": info.get("config_hash"), "input_hash": info.get("input_hash"),
             PROCESS_KEY: info["config"]["process"],
@@ -57,7 +57,7 @@ def data_identity(data_dir: str | Path) -> dict:
 
 def splits_of(data_dir: str | Path) -> list[str]:
     """The split names of the shards (from their record, not from file names)."""
-    return list(_info(data_dir).get("counts", {}))
+    return list(dataset_info(data_dir).get("counts", {}))
 
 
 def read_config(run: str | Path) -> dict:
@@ -92,7 +92,7 @@ def process_config(run: str | Path, data_dir: str | Path):
     from pipeline.process import ProcessConfig
 
     rec = recorded_identity(run)
-    proc = dict(rec[PROCESS_KEY] if rec else _info(data_dir)["config"]["process"])
+    proc = dict(rec[PROCESS_KEY] if rec else dataset_info(data_dir)["config"]["process"])
     proc["filter_params"] = FilterParams(**proc.get("filter_params", {}))
     return ProcessConfig(**proc)
 
