@@ -28,6 +28,20 @@ class DrpipeError(click.ClickException):
         click.echo(f"drpipe: error: {self.format_message()}", err=True)
 
 
+class MissingInputError(DrpipeError):
+    """A missing input (--src, --data): one line, exit code 2, as a usage error."""
+
+    exit_code = 2
+
+
+def _need_shards(data) -> None:
+    from tfrecord_writer.info import has_info
+
+    if not has_info(data):
+        raise MissingInputError(f"{data}: no drpipe shards here (no dataset_info.json); run "
+                                "drpipe preprocess first, or give --data")
+
+
 class InputDataError(DrpipeError):
     """Bad labels or an unknown source layout: one line, exit code 3."""
 
@@ -65,12 +79,13 @@ def _load_config_file(ctx, param, value):
     by_option = {opt[2:].replace("-", "_"): p.name for p in ctx.command.params
                  for opt in p.opts if opt.startswith("--") and p.name}
     by_option.pop("config", None)
+    params = {p.name: p for p in ctx.command.params}
     defaults = {}
     for key, v in data.items():
         name = by_option.get(key.replace("-", "_"))
         if name is None:
             raise click.BadParameter(f"{value}: unknown option {key!r}")
-        defaults[name] = v
+        defaults[name] = _config_value(value, key, v, params[name])
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
 
@@ -114,6 +129,21 @@ def _data_dir(ctx, param, value):
         raise DrpipeError(str(e)) from None
     except OSError as e:
         raise DrpipeError(f"{value}: {str(e).splitlines()[0] if str(e) else e}") from None
+
+
+def _config_value(file, key, v, param):
+    """A TOML value checked against its option: click would turn 64.7 into 64 and fail
+    on a list with a traceback."""
+    def bad(what):
+        return click.BadParameter(f"{file}: {key} = {v!r}: {what}")
+    if isinstance(v, (list, dict)) and not (param.multiple or param.nargs != 1):
+        raise bad("expected a single value")
+    flag = getattr(param, "is_flag", False)
+    if flag != isinstance(v, bool):
+        raise bad("expected true or false" if flag else "expected a value, not a boolean")
+    if isinstance(param.type, click.types.IntParamType) and isinstance(v, float):
+        raise bad("expected an integer")
+    return v
 
 
 def _filter_option(f):
@@ -440,6 +470,8 @@ def preprocess(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_me
         ratios = parse_split_spec(split_spec)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--split") from None
+    if not src.is_dir():  # before --out is created: a typo leaves nothing behind
+        raise MissingInputError(f"--src {src}: no such directory")
     cfg = JobConfig(src=str(src), out=str(out),
                     process=dataclasses.replace(make_process_config(
                         size, filter_, quality, clahe_clip, clahe_tiles, max_megapixels,
@@ -467,6 +499,10 @@ def preprocess(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_me
         summary_json.write_text(json.dumps(summary, indent=2) + "\n")
     if not quiet:
         _print_summary(summary, out)
+    if not summary["ok"]:  # nothing to train on is a failed run, never a silent exit 0
+        reasons = ", ".join(f"{k} {v}" for k, v in summary["rejected_by_reason"].items())
+        raise DrpipeError(f"no usable photo: {summary['photos']} found, {summary['rejected']} "
+                          f"rejected ({reasons or 'none'}; see {out / 'data_manifest.csv'})")
     if strict and summary["rejected"]:
         raise DrpipeError(f"--strict: {summary['rejected']} photo(s) rejected "
                           f"(reasons in {out}/data_manifest.csv)")
@@ -496,7 +532,9 @@ def _print_summary(s: dict, out) -> None:
 
 @main.command()
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              required=True, help="Labels CSV (e.g. Kaggle trainLabels.csv).")
+              required=True, multiple=True,
+              help="Labels CSV (e.g. Kaggle trainLabels.csv); repeatable: a Kaggle source with "
+                   "test/ is split on trainLabels.csv and retinopathy_solution.csv together.")
 @click.option("--id-col", default="image", show_default=True, help="Image id column.")
 @click.option("--label-col", default="level", show_default=True, help="Grade (0-4) column.")
 @click.option("--patient-col", default=None,
@@ -525,7 +563,7 @@ def split(labels, id_col, label_col, patient_col, split_spec, seed, out):
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--split") from None
     try:
-        rows = read_labels(labels, id_col, label_col, patient_col)
+        rows = [r for path in labels for r in read_labels(path, id_col, label_col, patient_col)]
     except LabelError as e:
         raise InputDataError(str(e)) from None
     header = ["image", "patient_id", "eye", "label", "split"]
@@ -644,9 +682,14 @@ def train(resume, **kw):
     from training import MODEL_NAMES, WeightsUnavailable
     from training.fit import TrainConfig, TrainError, default_run_dir, load_config
     from training.fit import train as run_training
+    from training.runs import RunError
 
     if resume:
-        cfg = load_config(resume)
+        try:
+            cfg = load_config(resume)
+        except RunError as e:
+            raise DrpipeError(str(e)) from None
+        cfg = _resume_config(cfg, resume, kw)
     else:
         if kw["model"] not in MODEL_NAMES:
             raise click.BadParameter(f"unknown model {kw['model']!r}; choose from "
@@ -654,11 +697,38 @@ def train(resume, **kw):
         kw["out"] = kw["out"] or default_run_dir()
         kw["data"] = str(Path(kw["data"]).resolve())  # predict/evaluate run from anywhere
         cfg = TrainConfig(**kw)
+    _need_shards(cfg.data)
     try:
         result = run_training(cfg, resume=bool(resume), log=click.echo)
-    except (TrainError, WeightsUnavailable, FileNotFoundError, ValueError) as e:
+    except (TrainError, RunError, WeightsUnavailable, FileNotFoundError, ValueError) as e:
         raise DrpipeError(str(e)) from None
     _echo_metrics(result, cfg.out)
+
+
+def _resume_config(cfg, resume: Path, kw: dict):
+    """``train --resume DIR``: DIR's own configuration, for DIR itself (a moved or copied run
+    resumes where it is, not at the ``out`` it was started with). An option given with it
+    must agree with the run: a different value is refused, never ignored."""
+    import dataclasses
+
+    ctx = click.get_current_context()
+    recorded = dataclasses.asdict(cfg)
+    for name, value in kw.items():
+        source = ctx.get_parameter_source(name)
+        if source in (None, click.core.ParameterSource.DEFAULT) or name not in recorded:
+            continue
+        if name in ("out", "data"):
+            same = value is not None and (Path(value).resolve() == (
+                Path(resume).resolve() if name == "out" else Path(recorded[name]).resolve()))
+        else:
+            same = value == recorded[name] or (isinstance(value, tuple)
+                                               and list(value) == list(recorded[name]))
+        if not same:
+            flag = "--" + name.replace("_", "-")
+            raise click.UsageError(f"--resume {resume}: {flag} {value} conflicts with the "
+                                   f"run's {recorded[name]!r}; a resumed run keeps its "
+                                   "configuration (start a new run to change it)")
+    return dataclasses.replace(cfg, out=str(resume))
 
 
 def _echo_metrics(r: dict, run) -> None:
@@ -690,12 +760,13 @@ def evaluate(run, data, split, checkpoint, min_quality):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from training.fit import TrainError
     from training.fit import evaluate as run_eval
+    from training.runs import RunError
 
     try:
         r = run_eval(run, data, split, checkpoint,
                      "run" if min_quality is None else None if min_quality == "all"
                      else min_quality)
-    except (TrainError, FileNotFoundError) as e:
+    except (TrainError, RunError, FileNotFoundError) as e:
         raise DrpipeError(str(e)) from None
     _echo_metrics(r, run)
 
@@ -715,7 +786,7 @@ def evaluate(run, data, split, checkpoint, min_quality):
                    "the run's Keras model, with the same preprocessing.")
 def predict(run, sources, out, checkpoint, exported):
     """Grade raw photos with a trained RUN, preprocessed exactly as its training data was
-    (settings read from its training data's drpipe_info.json): no train/serve skew.
+    (settings recorded in the run's config.json at train time): no train/serve skew.
 
     RUN may also be the output of drpipe ensemble: each member grades with its own
     preprocessing and the ensemble combines them as it was fitted (--checkpoint and
@@ -727,6 +798,7 @@ def predict(run, sources, out, checkpoint, exported):
 
     from training.ensemble import EnsembleError
     from training.fit import TrainError, load_config, model_path
+    from training.runs import RunError, recorded_identity
 
     ensemble = (run / "ensemble.json").exists()
     members = [run]
@@ -738,9 +810,10 @@ def predict(run, sources, out, checkpoint, exported):
     for member in members:
         try:
             cfg = load_config(member)
-        except FileNotFoundError:
-            raise DrpipeError(f"{member}: not a drpipe run (no config.json)") from None
-        if not has_info(cfg.data):
+            recorded = recorded_identity(member)  # the preprocessing to repeat, if recorded
+        except RunError as e:
+            raise DrpipeError(str(e)) from None
+        if not recorded and not has_info(cfg.data):
             raise DrpipeError(f"{member} was trained on {cfg.data}, whose dataset_info.json "
                               "(the preprocessing to repeat) is missing")
         if not exported and not model_path(member, checkpoint).exists():
@@ -788,13 +861,14 @@ def explain(run, images, out, class_index):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from pipeline.sources import expand_photo_paths
     from training.explain import ExplainError, explain_photos, plan_targets
+    from training.runs import RunError
 
     if not (run / "model.keras").exists():
         raise DrpipeError(f"{run}: no model.keras (is the run finished?)")
     try:
         plan_targets(expand_photo_paths(images), out)  # before the model loads
         results = explain_photos(run, images, out, class_index)
-    except ExplainError as e:
+    except (ExplainError, RunError) as e:
         raise DrpipeError(str(e)) from None
     for target, result in results:
         if isinstance(result, tuple):
@@ -945,9 +1019,7 @@ def tune(data, lrs, batch_sizes, grids, out, train_args):
         if any(a == flag or a.startswith(flag + "=") for a in fixed):
             raise click.UsageError(f"{flag} is set by drpipe tune, not per run")
     if "data" not in grid:
-        if not has_info(data):
-            raise DrpipeError(f"{data}: no drpipe shards here (no dataset_info.json); run "
-                              "drpipe preprocess first, or give --data")
+        _need_shards(data)
         fixed = ["--data", str(data.resolve()), *fixed]
     out = out or Path("runs") / f"tune-{time.strftime('%Y%m%d-%H%M%S')}"
     points = plan(grid, out)
@@ -1006,6 +1078,9 @@ def report(data, runs, out, examples):
             cfg = json.loads((runs[0] / "config.json").read_text()) if (
                 runs[0] / "config.json").exists() else {}
             data = Path(cfg.get("data", data))
+    if not (data / "dataset_info.json").exists():
+        raise MissingInputError(f"{data}: no drpipe shards here (no dataset_info.json); "
+                                "give --data")
     try:
         page = build(data, runs, per_grade=examples)
     except ReportError as e:

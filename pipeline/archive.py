@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 import re
 import struct
+import unicodedata
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -483,7 +484,9 @@ def detect_archive_source(src, kind=None, labels=None, id_col="image", label_col
     if kind == "csv":
         rows = read_labels_as(_local_labels(labels, storage_options), id_col, label_col,
                               patient_col)
-        files = {k: (v, "") for a in archives for k, v in _members_by_id(a, "").items()}
+        files = {}
+        for a in archives:
+            S._add(files, _members_by_id(a, ""), "")
         return _with_archive(S._join(_root(src), "csv", files, rows), source)
     files, rows = {}, []
     for a, (_, origin, label_name, extra) in zip(archives, groups, strict=True):
@@ -495,7 +498,7 @@ def detect_archive_source(src, kind=None, labels=None, id_col="image", label_col
             if path is None:
                 continue
             rows += read_labels_as(path, "image", "level", extra_col=extra_, origin=o)
-            files.update({k: (v, o) for k, v in found.items()})
+            S._add(files, found, o)
     nested = sorted(n for a in archives for n in a.members if PART_NAME.match(n.rsplit("/")[-1]))
     if not rows and nested:
         raise S.SourceError(f"{src}: an outer download holding Kaggle's volumes ({nested[0]}, "
@@ -517,12 +520,13 @@ def _with_archive(source, archive: ArchiveSource):
     return source
 
 
-def _members_by_id(archive: Archive, prefix: str) -> dict[str, str]:
-    """{image id: member name} for photos under ``prefix`` (e.g. ``train/``), as
-    :func:`pipeline.sources._scan` finds them in an extracted folder."""
+def _members_by_id(archive: Archive, prefix: str) -> dict[str, list[str]]:
+    """{image id: [member names]} for photos under ``prefix`` (e.g. ``train/``), as
+    :func:`pipeline.sources._scan` finds them in an extracted folder (NFC ids; several
+    members of one id are each rejected ``duplicate_id``)."""
     from pipeline.sources import IMAGE_SUFFIXES
 
-    found: dict[str, str] = {}
+    found: dict[str, list[str]] = {}
     for name in sorted(archive.members, key=_walk_order):
         if not name.startswith(prefix):
             continue
@@ -531,7 +535,7 @@ def _members_by_id(archive: Archive, prefix: str) -> dict[str, str]:
             continue
         stem, ext = os.path.splitext(parts[-1])
         if ext.lower() in IMAGE_SUFFIXES:
-            found.setdefault(stem, name)
+            found.setdefault(unicodedata.normalize("NFC", stem), []).append(name)
     return found
 
 

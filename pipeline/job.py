@@ -41,7 +41,7 @@ import numpy as np
 from pipeline import manifest
 from pipeline.process import ProcessConfig, ProcessedImage, Rejection, process, read_photo
 from pipeline.quality import quality_row
-from pipeline.sources import Source, detect_source
+from pipeline.sources import Source, SourceError, detect_source
 from pipeline.split import assign_splits
 from tfrecord_writer import info as output_info
 from tfrecord_writer.example import serialize_example
@@ -144,7 +144,9 @@ def process_batch(root: str, items: list[dict], config: ProcessConfig,
         else:
             row["sha256"] = hashlib.sha256(data).hexdigest()
             row["bytes"] = len(data)
-            result = process(data, config)
+            # several files share this id: which one the label is for is unknown
+            result = (Rejection(*it["ambiguous"].split(": ", 1)) if it.get("ambiguous")
+                      else process(data, config))
         if getattr(result, "quality", None) is not None:
             row.update(quality_row(result.quality))
         if isinstance(result, ProcessedImage):
@@ -218,12 +220,17 @@ class _Lock:
 def _input_fingerprint(source: Source, photos) -> str:
     h = hashlib.sha256()
     for p in photos:
-        try:  # archive members, objects in a store: from the index, no stat per photo
-            size = (source.reader.fingerprint(p.path) if source.reader is not None
-                    else os.stat(source.root / p.path).st_size)
+        # Archive members, objects in a store: from the index, no stat per photo. Files:
+        # size and mtime, so a photo rewritten in place at the same size is noticed.
+        try:
+            if source.reader is not None:
+                size = source.reader.fingerprint(p.path)
+            else:
+                st = os.stat(source.root / p.path)
+                size = f"{st.st_size}\t{st.st_mtime_ns}"
         except OSError:
             size = -1
-        h.update(f"{p.image_id}\t{p.path}\t{p.label}\t{size}\n".encode())
+        h.update(f"{p.image_id}\t{p.path}\t{p.label}\t{size}\t{p.ambiguous}\n".encode())
     for r in source.labels_without_photo:
         h.update(f"{r.image_id}\t-\t{r.label}\n".encode())
     return h.hexdigest()[:16]
@@ -401,6 +408,8 @@ def run(config: JobConfig, opts: RunOptions, progress_factory=None) -> dict:
 def _run(config: JobConfig, opts: RunOptions, progress_factory) -> dict:
     t0 = time.time()
     out = Path(config.out)
+    if not Path(config.src).is_dir():  # before --out is made: nothing left behind
+        raise SourceError(f"{config.src}: no such directory")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -421,8 +430,11 @@ def _run(config: JobConfig, opts: RunOptions, progress_factory) -> dict:
 
         # Splits come from the labels alone (drpipe split gives the same), never from
         # which photos happened to decode.
-        split_rows = [(p.image_id, p.patient_id, p.label) for p in photos if p.label is not None]
-        split_rows += [(r.image_id, r.patient_id, r.label) for r in missing]
+        # All of them, --limit or not (a trial gets the full run's split), an id shared by
+        # several files once.
+        split_rows = list({p.image_id: (p.image_id, p.patient_id, p.label)
+                           for p in source.photos if p.label is not None}.values())
+        split_rows += [(r.image_id, r.patient_id, r.label) for r in source.labels_without_photo]
         splits = assign_splits(split_rows, config.split, config.seed)
 
         staging = out / STAGING

@@ -42,7 +42,7 @@ class ProcessConfig:
 @dataclass(frozen=True)
 class Rejection:
     """Why a photo was not used. ``code`` is one of: empty, not_an_image, corrupt, truncated,
-    too_large, too_small, no_retina, unreadable, internal_error, ungradable."""
+    too_large, too_small, no_retina, unreadable, duplicate_id, ungradable, internal_error."""
 
     code: str
     detail: str

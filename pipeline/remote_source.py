@@ -12,6 +12,7 @@ on the client, and each worker reads its photos' bytes from the store itself
 from __future__ import annotations
 
 import os
+import unicodedata
 
 from pipeline import storage
 from pipeline.archive import read_labels_as
@@ -111,21 +112,21 @@ def detect_store_folder(src: str, kind=None, labels=None, id_col="image", label_
         if "trainLabels.csv" in top:
             rows += read_labels_as(labels_file("trainLabels.csv"), "image", "level",
                                   origin="train")
-            files.update({k: (v, "train") for k, v in _scan(listing, "train/").items()})
+            S._add(files, _scan(listing, "train/"), "train")
         if "retinopathy_solution.csv" in top:
             rows += read_labels_as(labels_file("retinopathy_solution.csv"), "image", "level",
                                   extra_col="Usage", origin="test")
-            files.update({k: (v, "test") for k, v in _scan(listing, "test/").items()})
+            S._add(files, _scan(listing, "test/"), "test")
     elif kind == "aptos":
         rows = read_labels_as(labels_file("train.csv"), "id_code", "diagnosis", origin="train")
-        files = {k: (v, "train") for k, v in _scan(listing, "train_images/").items()}
+        S._add(files, _scan(listing, "train_images/"), "train")
     elif kind == "folders":
         for g in GRADES:
-            for image_id, path in _scan(listing, f"{g}/").items():
+            for image_id, paths in _scan(listing, f"{g}/").items():
                 if image_id in files:
                     raise LabelError(f"{src}: {image_id!r} appears in two grade folders "
-                                     f"({files[image_id][0]} and {path})")
-                files[image_id] = (path, str(g))
+                                     f"({files[image_id][0][0]} and {paths[0]})")
+                files[image_id] = [(path, str(g)) for path in paths]
                 patient, eye = S.patient_and_eye(image_id)
                 rows.append(S.LabelRow(image_id, g, patient, eye, str(g)))
         if not files:
@@ -134,7 +135,7 @@ def detect_store_folder(src: str, kind=None, labels=None, id_col="image", label_
         if labels is None:
             raise SourceError("--labels FILE is needed for a CSV source")
         rows = read_labels_as(labels, id_col, label_col, patient_col)
-        files = {k: (v, "") for k, v in _scan(listing, "").items()}
+        S._add(files, _scan(listing, ""), "")
     else:
         raise SourceError(f"unknown source kind {kind!r} (kaggle, aptos, folders, csv)")
     source = S._join(src, kind, files, rows)
@@ -156,19 +157,20 @@ def list_store(src: str) -> dict[str, tuple[int, str]]:
     return listing
 
 
-def _scan(listing: dict, prefix: str) -> dict[str, str]:
-    """{image id: path} under ``prefix`` as :func:`pipeline.sources._scan` finds them in a
-    local folder: os.walk order, hidden entries skipped, first of a name kept."""
+def _scan(listing: dict, prefix: str) -> dict[str, list[str]]:
+    """{image id: [paths]} under ``prefix`` as :func:`pipeline.sources._scan` finds them in
+    a local folder: os.walk order, hidden entries skipped, NFC ids, every file of an id kept
+    (several are each rejected ``duplicate_id``)."""
     from pipeline.archive import _walk_order
 
-    found: dict[str, str] = {}
+    found: dict[str, list[str]] = {}
     for path in sorted((p for p in listing if p.startswith(prefix)), key=_walk_order):
         parts = path[len(prefix):].split("/")
         if any(p.startswith(".") for p in parts):
             continue
         stem, ext = os.path.splitext(parts[-1])
         if ext.lower() in IMAGE_SUFFIXES:
-            found.setdefault(stem, path)
+            found.setdefault(unicodedata.normalize("NFC", stem), []).append(path)
     return found
 
 

@@ -20,12 +20,15 @@ the file, the line and the value.
 from __future__ import annotations
 
 import csv
+import io
+import math
 import os
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp")
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".jfif", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp")
 GRADES = range(5)
 _EYE_NAME = re.compile(r"^(?P<patient>.+)_(?P<eye>left|right)$", re.IGNORECASE)
 
@@ -48,6 +51,9 @@ class ImageRecord:
     patient_id: str
     eye: str  # "left" | "right" | ""
     origin: str = ""  # e.g. "train", "test/Public" — where in the source it came from
+    # non-empty: the reason this photo is rejected before decoding (duplicate_id: several
+    # files share its id, so which one the label belongs to is unknown)
+    ambiguous: str = ""
 
 
 @dataclass(frozen=True)
@@ -86,10 +92,16 @@ def read_labels(path: Path, id_col: str, label_col: str, patient_col: str | None
     """
     path = Path(path)
     try:
-        f = open(path, newline="", encoding="utf-8-sig")
+        raw_bytes = path.read_bytes()
     except OSError as e:
         raise LabelError(f"{path}: cannot read labels file ({e.strerror or e})") from None
-    with f:
+    try:
+        text = raw_bytes.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw_bytes[:e.start].count(b"\n") + 1
+        raise LabelError(f"{path}: line {line}: not UTF-8 text (byte {raw_bytes[e.start]:#x}); "
+                         "save the labels file as UTF-8") from None
+    with io.StringIO(text, newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if not header:
@@ -106,10 +118,10 @@ def read_labels(path: Path, id_col: str, label_col: str, patient_col: str | None
             line = reader.line_num
             if not any(cell.strip() for cell in row):
                 continue
-            if len(row) < len(header):
+            if len(row) != len(header):
                 raise LabelError(f"{path}: line {line}: {len(row)} fields, expected "
                                  f"{len(header)}: {','.join(row)!r}")
-            image_id = row[col[id_col]].strip()
+            image_id = label_id(row[col[id_col]])
             raw = row[col[label_col]].strip()
             if not image_id:
                 raise LabelError(f"{path}: line {line}: empty {id_col!r}")
@@ -119,6 +131,9 @@ def read_labels(path: Path, id_col: str, label_col: str, patient_col: str | None
                                  "is not a grade 0-4")
             if patient_col:
                 patient, eye = row[col[patient_col]].strip(), patient_and_eye(image_id)[1]
+                if not patient:  # never merge every blank into one "" patient
+                    raise LabelError(f"{path}: line {line}: empty {patient_col!r} for "
+                                     f"{image_id!r}")
             else:
                 patient, eye = patient_and_eye(image_id)
             org = origin
@@ -135,12 +150,22 @@ def read_labels(path: Path, id_col: str, label_col: str, patient_col: str | None
     return list(rows.values())
 
 
+def label_id(cell: str) -> str:
+    """A labels file's id as photos are matched: NFC Unicode, and without a photo extension
+    (``1002_left.jpeg`` -> ``1002_left``) — photo ids are file names without extension."""
+    image_id = unicodedata.normalize("NFC", cell.strip())
+    stem, ext = os.path.splitext(image_id)
+    return stem if stem and ext.lower() in IMAGE_SUFFIXES else image_id
+
+
 def _parse_grade(raw: str) -> int | None:
+    if not raw.isascii():  # float() also reads "２" and "٣"
+        return None
     try:
         value = float(raw)
     except ValueError:
         return None
-    if not value.is_integer() or int(value) not in GRADES:
+    if not math.isfinite(value) or not value.is_integer() or int(value) not in GRADES:
         return None
     return int(value)
 
@@ -158,14 +183,17 @@ def expand_photo_paths(sources) -> list[Path]:
     return files
 
 
-def _scan(folder: Path, root: Path) -> dict[str, str]:
-    """{image id: path relative to root} for image files under ``folder`` (recursive).
+def _scan(folder: Path, root: Path) -> dict[str, list[str]]:
+    """{image id: [paths relative to root]} for image files under ``folder`` (recursive).
 
-    Hidden files and folders are skipped. Broken symlinks are kept (they are reported as
-    unreadable, not silently lost). Linked folders are listed like linked files (each
-    folder once: no cycles); a photo reached through a link that leaves the source is
-    rejected ``outside_source`` when read (pipeline.job), not silently dropped."""
-    found: dict[str, str] = {}
+    The id is the file name without extension, NFC-normalised (macOS writes NFD names).
+    Several files with one id (``10_left.jpeg``, ``10_left.JPG``, ``sub/10_left.jpeg``) are
+    all kept: :func:`_join` rejects each as ``duplicate_id``. Hidden files and folders are
+    skipped. Broken symlinks are kept (they are reported as unreadable, not silently lost).
+    Linked folders are listed like linked files (each folder once: no cycles); a photo
+    reached through a link that leaves the source is rejected ``outside_source`` when read
+    (pipeline.job), not silently dropped."""
+    found: dict[str, list[str]] = {}
     seen: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         real = os.path.realpath(dirpath)
@@ -180,24 +208,36 @@ def _scan(folder: Path, root: Path) -> dict[str, str]:
             stem, ext = os.path.splitext(name)
             if ext.lower() in IMAGE_SUFFIXES:
                 rel = Path(dirpath, name).relative_to(root).as_posix()
-                found.setdefault(stem, rel)
+                found.setdefault(unicodedata.normalize("NFC", stem), []).append(rel)
     return found
 
 
-def _join(root: Path, kind: str, files: dict[str, tuple[str, str]],
+def _add(files: dict[str, list[tuple[str, str]]], scanned: dict[str, list[str]],
+         origin: str) -> None:
+    for image_id, paths in scanned.items():
+        files.setdefault(image_id, []).extend((p, origin) for p in paths)
+
+
+def _join(root: Path, kind: str, files: dict[str, list[tuple[str, str]]],
           labels: list[LabelRow]) -> Source:
-    """Match photos ({id: (path, origin)}) with label rows."""
+    """Match photos ({id: [(path, origin), ...]}) with label rows. An id with several
+    files gives one record per file, each rejected ``duplicate_id`` naming the others."""
     by_id = {r.image_id: r for r in labels}
     photos = []
     for image_id in sorted(files):
-        path, origin = files[image_id]
-        row = by_id.get(image_id)
-        if row:
-            photos.append(ImageRecord(image_id, path, row.label, row.patient_id, row.eye,
-                                      row.origin or origin))
-        else:
-            patient, eye = patient_and_eye(image_id)
-            photos.append(ImageRecord(image_id, path, None, patient, eye, origin))
+        entries = sorted(files[image_id])
+        for path, origin in entries:
+            others = [p for p, _ in entries if p != path]
+            ambiguous = (f"duplicate_id: {len(entries)} files have id {image_id!r} (also "
+                         f"{', '.join(others)}); rename all but one" if others else "")
+            row = by_id.get(image_id)
+            if row:
+                photos.append(ImageRecord(image_id, path, row.label, row.patient_id, row.eye,
+                                          row.origin or origin, ambiguous))
+            else:
+                patient, eye = patient_and_eye(image_id)
+                photos.append(ImageRecord(image_id, path, None, patient, eye, origin,
+                                          ambiguous))
     missing = [r for r in labels if r.image_id not in files]
     return Source(kind, root, photos, sorted(missing, key=lambda r: r.image_id))
 
@@ -233,24 +273,25 @@ def detect_source(src: Path, kind: str | None = None, labels: Path | None = None
         files, rows = {}, []
         if (src / "trainLabels.csv").is_file():
             rows += read_labels(src / "trainLabels.csv", "image", "level", origin="train")
-            files.update({k: (v, "train") for k, v in _scan(src / "train", src).items()})
+            _add(files, _scan(src / "train", src), "train")
         if (src / "retinopathy_solution.csv").is_file():
             rows += read_labels(src / "retinopathy_solution.csv", "image", "level",
                                 extra_col="Usage", origin="test")
-            files.update({k: (v, "test") for k, v in _scan(src / "test", src).items()})
+            _add(files, _scan(src / "test", src), "test")
         return _join(src, kind, files, rows)
     if kind == "aptos":
         rows = read_labels(src / "train.csv", "id_code", "diagnosis", origin="train")
-        files = {k: (v, "train") for k, v in _scan(src / "train_images", src).items()}
+        files = {}
+        _add(files, _scan(src / "train_images", src), "train")
         return _join(src, kind, files, rows)
     if kind == "folders":
         files, rows = {}, []
         for g in GRADES:
-            for image_id, path in _scan(src / str(g), src).items():
+            for image_id, paths in _scan(src / str(g), src).items():
                 if image_id in files:
                     raise LabelError(f"{src}: {image_id!r} appears in two grade folders "
-                                     f"({files[image_id][0]} and {path})")
-                files[image_id] = (path, str(g))
+                                     f"({files[image_id][0][0]} and {paths[0]})")
+                files[image_id] = [(p, str(g)) for p in paths]
                 patient, eye = patient_and_eye(image_id)
                 rows.append(LabelRow(image_id, g, patient, eye, str(g)))
         if not files:
@@ -260,6 +301,7 @@ def detect_source(src: Path, kind: str | None = None, labels: Path | None = None
         if labels is None:
             raise SourceError("--labels FILE is needed for a CSV source")
         rows = read_labels(labels, id_col, label_col, patient_col)
-        files = {k: (v, "") for k, v in _scan(src, src).items()}
+        files = {}
+        _add(files, _scan(src, src), "")
         return _join(src, kind, files, rows)
     raise SourceError(f"unknown source kind {kind!r} (kaggle, aptos, folders, csv)")

@@ -16,6 +16,7 @@ rows, so a split planned and audited from the labels file is the one the shards 
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
 
@@ -43,6 +44,8 @@ def parse_split_spec(spec: str) -> dict[str, float]:
             out[name] = float(value)
         except ValueError:
             raise ValueError(f"split {name!r}: {value.strip()!r} is not a number") from None
+        if not math.isfinite(out[name]):  # nan passes every comparison
+            raise ValueError(f"split {name!r}: {value.strip()!r} is not a finite number")
         if out[name] < 0:
             raise ValueError(f"split {name!r}: negative fraction")
     if not out:

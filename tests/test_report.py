@@ -110,5 +110,5 @@ def test_report_renders_in_headless_chromium(made, browser, tmp_path):
 
 def test_report_errors(tmp_path):
     r = drpipe("report", "--data", tmp_path, "--out", tmp_path / "r.html", check=False)
-    assert r.returncode == 1 and "no drpipe shards here" in r.stderr
+    assert r.returncode == 2 and "no drpipe shards here" in r.stderr
     assert not (tmp_path / "r.html").exists()

@@ -150,13 +150,14 @@ def apply(method: str, fitted: dict, probs: list[np.ndarray]) -> np.ndarray:
 def load_members(runs: list[Path], data: str | None, split: str, val_split: str | None,
                  checkpoint: str, log=print) -> tuple[list[Member], str, str]:
     from training.fit import load_config, model_path
+    from training.runs import RunError, check_data, same_photos
 
     cfgs = []
     for run in runs:
         try:
             cfg = load_config(run)
-        except FileNotFoundError:
-            raise EnsembleError(f"{run}: not a drpipe run (no config.json)") from None
+        except RunError as e:
+            raise EnsembleError(str(e)) from None
         if cfg.task != "grade":
             raise EnsembleError(f"{run} is a {cfg.task!r} model; ensembles combine grade "
                                 "models (--task grade)")
@@ -164,7 +165,19 @@ def load_members(runs: list[Path], data: str | None, split: str, val_split: str 
         if not model.exists():
             raise EnsembleError(f"{model} does not exist (is the run finished?)")
         cfgs.append(cfg)
-    data = str(data or cfgs[0].data)
+    # Each member is scored on its own shards (or all on --data), checked to be what it
+    # was trained on (--data: preprocessed as it was); the members' shards must hold the
+    # same photos, labels and splits, so that their predictions line up photo by photo.
+    datas = [str(data)] * len(runs) if data else [cfg.data for cfg in cfgs]
+    try:
+        recs = [check_data(run, d, own=not data) for run, d in zip(runs, datas, strict=True)]
+    except RunError as e:
+        raise EnsembleError(str(e)) from None
+    for run, rec, d in zip(runs[1:], recs[1:], datas[1:], strict=True):
+        if not same_photos(recs[0], rec):
+            raise EnsembleError(f"{run} was trained on {d}, other photos or splits than "
+                                f"{runs[0]} ({datas[0]}): members must share their data")
+    data = datas[0]
     val_split = val_split or cfgs[0].val_split
     if not has_info(data):
         raise EnsembleError(f"{data}: no drpipe shards here (no dataset_info.json)")
@@ -184,19 +197,21 @@ def load_members(runs: list[Path], data: str | None, split: str, val_split: str 
     from training.fit import predict
 
     members = []
-    for run, cfg in zip(runs, cfgs, strict=True):
+    for run, cfg, member_data in zip(runs, cfgs, datas, strict=True):
         log(f"predicting {val_split} and {split} with {run}")
         model = keras.saving.load_model(model_path(run, checkpoint))
         out = {}
         for s in (val_split, split):
-            ds = make_dataset(data, s, image_size=cfg.image_size, batch_size=32)
+            ds = make_dataset(member_data, s, image_size=cfg.image_size, batch_size=32)
             out[s] = predict(model, ds, "grade")
         m = Member(run, *out[val_split], *out[split])
         m.val_metrics = M.grade_metrics(m.val_y.astype(int), m.val_p.argmax(axis=1))
         members.append(m)
         keras.backend.clear_session()
-    for m in members[1:]:  # same shards, read in the same order: same labels
-        assert np.array_equal(m.y, members[0].y) and np.array_equal(m.val_y, members[0].val_y)
+    for m in members[1:]:  # same photos, read in the same order: same labels
+        if not (np.array_equal(m.y, members[0].y) and np.array_equal(m.val_y, members[0].val_y)):
+            raise EnsembleError(f"{m.run} and {members[0].run}: their shards do not hold the "
+                                f"same photos in the same order ({split}/{val_split})")
     return members, data, val_split
 
 

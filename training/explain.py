@@ -131,11 +131,11 @@ def explain_photos(run: str | Path, images, out: str | Path,
     from pipeline.sources import expand_photo_paths
     from training.data import image_decoder
     from training.fit import load_config
-    from training.predict import process_config_of
+    from training.runs import process_config
 
     run = Path(run)
     cfg = load_config(run)
-    proc = process_config_of(cfg.data)
+    proc = process_config(run, cfg.data)  # as recorded at train time
     model = keras.saving.load_model(run / "model.keras")
     decode = image_decoder(proc.size, proc.format, cfg.image_size)
     files = expand_photo_paths(images)

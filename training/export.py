@@ -216,6 +216,7 @@ def export(run: str | Path, fmt: str, out: str | Path | None = None,
            check_photos: int = 64, repeats: int = 50, threads: int = 1,
            log=print) -> ExportResult:
     from training.fit import load_config, model_path
+    from training.runs import RunError, check_data
 
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
@@ -229,8 +230,9 @@ def export(run: str | Path, fmt: str, out: str | Path | None = None,
         check_target(Path(out))
     try:
         cfg = load_config(run)
-    except FileNotFoundError:
-        raise ExportError(f"{run}: not a drpipe run (no config.json)") from None
+        check_data(run, cfg.data)  # the checks and calibration use the run's own shards
+    except RunError as e:
+        raise ExportError(str(e)) from None
     source = model_path(run, checkpoint)
     if not source.exists():
         raise ExportError(f"{source} does not exist (is the run finished?)")

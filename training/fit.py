@@ -30,6 +30,7 @@ import numpy as np
 
 from tfrecord_writer.info import has_info, load_info
 from training import metrics as M
+from training import runs
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ class TrainConfig:
         return self.epochs + self.fine_tune_epochs
 
 
-class TrainError(RuntimeError):
+class TrainError(runs.RunError):
     """A one-line reason a run cannot start or continue."""
 
 
@@ -350,12 +351,13 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
             raise TrainError(f"{run}: not a drpipe run (no config.json)")
         if (run / "model.keras").exists():
             raise TrainError(f"{run}: already finished (model.keras exists)")
+        runs.check_data(run, cfg.data)  # the shards it started on, not re-made ones
     elif run.exists() and any(run.iterdir()):
         raise TrainError(f"{run} exists and is not empty; use --resume {run} to continue it, "
                          "or choose another --out")
     (run / "checkpoints").mkdir(parents=True, exist_ok=True)
-    if not resume:
-        (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    if not resume:  # the options, and the identity of the shards it learns from
+        runs.write_config(run, dataclasses.asdict(cfg), cfg.data)
 
     import keras
 
@@ -393,6 +395,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
             pos = sum(counts[2:])
             weights = {0: n_train / (2 * max(n_train - pos, 1)), 1: n_train / (2 * max(pos, 1))}
 
+    model = backbone = None
     phases = [(1, cfg.freeze, cfg.lr, 0, cfg.epochs)]
     if cfg.fine_tune_epochs:
         phases.append((2, "none", cfg.fine_tune_lr, cfg.epochs, cfg.total_epochs()))
@@ -412,6 +415,14 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
                   callbacks=_callbacks(cfg, run, val_ds, bn_ds, phase, n_train), verbose=2)
         model.save_weights(done_marker)
 
+    if model is None:  # killed after the last phase's weights, before model.keras
+        phase, strategy_name, lr = phases[-1][:3]
+        with strategy.scope():
+            model, backbone = build(_spec(cfg))
+            model.load_weights(run / f"phase{phase}.weights.h5")
+            freeze(model, backbone, strategy_name)
+            _compile(model, cfg, lr)
+        log(f"phase {phase} had finished; writing the final model")
     model.save(run / "model.keras")
     if backbone is not None:
         backbone.save_weights(run / "backbone.weights.h5")
@@ -444,20 +455,22 @@ def evaluate(run: str | Path, data: str | None = None, split: str = "test",
              checkpoint: str = "final", min_quality: str | None = "run") -> dict:
     """``drpipe evaluate``: metrics of a finished run's model on any split. ``min_quality``:
     "run" (the run's own --min-quality), None (every photo) or usable / good / a score."""
+    run = Path(run)
+    cfg = load_config(run)
+    if min_quality != "run":
+        cfg = dataclasses.replace(cfg, min_quality=min_quality)
+    own = data is None or Path(data).resolve() == Path(cfg.data).resolve()
+    data_dir = cfg.data if data is None else data
+    if split not in (names := runs.splits_of(data_dir)):  # a name, never a pattern
+        raise TrainError(f"{data_dir} has no split {split!r} (has {', '.join(names)})")
+    runs.check_data(run, data_dir, own=own)
+    path = model_path(run, checkpoint)
+    if not path.exists():
+        raise TrainError(f"{path} does not exist (is the run finished?)")
     import keras
 
     import training.models  # noqa: F401 - registers the custom layers for loading
 
-    run = Path(run)
-    try:
-        cfg = TrainConfig(**_tuples(json.loads((run / "config.json").read_text())))
-    except FileNotFoundError:
-        raise TrainError(f"{run}: not a drpipe run (no config.json)") from None
-    if min_quality != "run":
-        cfg = dataclasses.replace(cfg, min_quality=min_quality)
-    path = model_path(run, checkpoint)
-    if not path.exists():
-        raise TrainError(f"{path} does not exist (is the run finished?)")
     model = keras.saving.load_model(path)
     thresholds = None
     if cfg.task == "regression" and (run / "metrics.json").exists():
@@ -480,7 +493,10 @@ def model_path(run: str | Path, checkpoint: str = "final") -> Path:
 
 
 def load_config(run: str | Path) -> TrainConfig:
-    return TrainConfig(**_tuples(json.loads((Path(run) / "config.json").read_text())))
+    """A run's TrainConfig (RunError "not a drpipe run" without config.json)."""
+    d = runs.read_config(run)
+    d.pop(runs.DATA_KEY, None)
+    return TrainConfig(**_tuples(d))
 
 
 def read_history(run: Path) -> list[dict]:

@@ -1,10 +1,12 @@
 """``drpipe predict``: raw photos in, grades out, with exactly the training preprocessing.
 
-The run's ``config.json`` names its shards; their ``dataset_info.json`` records the
-preprocessing (size, filter, format, quality, ...). Each photo goes through the same
-``pipeline.process`` steps, is encoded as the records were, and is decoded by the same
-function the training reader uses (:func:`training.data.image_decoder`) — so a photo
-reaches the model exactly as its training photos did: no train/serve skew.
+The run's ``config.json`` records the preprocessing of the shards it learnt from (size,
+filter, format, quality, ...; :mod:`training.runs`), so shards re-made since never change
+what it predicts; runs made before that record read their shards' ``dataset_info.json``.
+Each photo goes through the same ``pipeline.process`` steps, is encoded as the records
+were, and is decoded by the same function the training reader uses
+(:func:`training.data.image_decoder`) — so a photo reaches the model exactly as its
+training photos did: no train/serve skew.
 """
 
 from __future__ import annotations
@@ -56,10 +58,11 @@ def predict_photos(run: str | Path, sources, checkpoint: str = "final",
     from training.data import image_decoder
     from training.fit import load_config, model_path
     from training.metrics import apply_thresholds
+    from training.runs import process_config
 
     run = Path(run)
     cfg = load_config(run)
-    proc = process_config_of(cfg.data)
+    proc = process_config(run, cfg.data)  # as recorded at train time
     if exported:
         from training.export import runner
 

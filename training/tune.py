@@ -16,6 +16,7 @@ and resumes an interrupted one from its last epoch.
 from __future__ import annotations
 
 import csv
+import hashlib
 import itertools
 import json
 import os
@@ -72,7 +73,12 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
 
 
 def _safe(value: str) -> str:
-    return "".join(c if c.isalnum() or c in "+-._" else "_" for c in value)
+    """A value as part of a directory name; one that had to be changed (``a/b``) gets a
+    hash of the original, so it never shares a directory with another (``a_b``)."""
+    safe = "".join(c if c.isalnum() or c in "+-._" else "_" for c in value)
+    if safe == value:
+        return safe
+    return f"{safe}.{hashlib.sha256(value.encode()).hexdigest()[:8]}"
 
 
 def plan(grid: dict[str, list[str]], out: Path) -> list[Point]:
@@ -84,6 +90,8 @@ def plan(grid: dict[str, list[str]], out: Path) -> list[Point]:
         params = dict(zip(grid, combo, strict=True))
         name = ",".join(f"{k}={_safe(params[k])}" for k in varying)
         points.append(Point(params, out / name))
+    if len({p.dir for p in points}) < len(points):  # never one directory for two points
+        raise TuneError("two grid points would share a run directory; make the values differ")
     return points
 
 

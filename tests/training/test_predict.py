@@ -81,13 +81,22 @@ def test_predict_errors(run, tmp_path):
 def test_explain_writes_heat_maps(run, tmp_path):
     import cv2
 
+    from training.explain import overlay
+
     photos = sorted((run / "raw/train").glob("*.jpeg"))[:2]
     r = drpipe("explain", run / "run", *photos, "--out", tmp_path / "maps")
     assert r.stdout.count(": grade ") == 2
     for p in photos:
         panel = cv2.imread(str(tmp_path / "maps" / f"{p.stem}_gradcam.png"))
         assert panel.shape == (64, 128, 3)  # the photo | the heat map, at --image-size
-        assert panel[:, 64:].std() > 10  # a map, not a blank
+        rgb = cv2.cvtColor(panel, cv2.COLOR_BGR2RGB)
+        photo, heat = rgb[:, :64], rgb[:, 64:]
+        assert photo.std() > 10  # the processed photo, not a blank
+        # the right half is the photo under a heat map that is not all zero: it differs
+        # from the photo under an empty map (below the label text), by more than rounding
+        empty = overlay(photo, np.zeros((64, 64), np.float32))
+        diff = np.abs(heat[20:].astype(int) - empty[20:].astype(int))
+        assert diff.mean() > 3 and (diff > 30).mean() > 0.05, (diff.mean(), (diff > 30).mean())
     drpipe("explain", run / "run", photos[0], "--out", tmp_path / "one.png", "--class", 4)
     assert cv2.imread(str(tmp_path / "one.png")).shape == (64, 128, 3)
 
@@ -145,6 +154,29 @@ def test_export_grades_like_the_keras_model_on_the_sample(run, sample_dir, tmp_p
                     assert rows[k]["grade"] == want["grade"], (name, k)
     # float32 weights in the float TFLite model; int8 weights in the dynamic one
     assert 2 < sizes["tflite.tflite"] / sizes["tflite-dynamic.tflite"] < 4.5
+
+
+@pytest.mark.slow
+def test_export_float16_and_int8(run, tmp_path):
+    """float16 halves the float model and keeps its outputs to half precision; int8
+    (weights and activations, calibrated on training photos) quarters it; both grade the
+    validation photos as the Keras model does, but for near-ties."""
+    import json
+
+    sizes, meta = {}, {}
+    for quant in (None, "float16", "int8"):
+        out = tmp_path / f"{quant or 'float'}.tflite"
+        args = ["--quantize", quant] if quant else []
+        r = drpipe("export", run / "run", "--format", "tflite", *args, "--out", out)
+        assert out.stat().st_size > 0 and (quant or "same grade") in r.stdout
+        meta[quant] = json.loads((tmp_path / f"{quant or 'float'}.export.json").read_text())
+        assert meta[quant]["quantize"] == quant and meta[quant]["checked_photos"] == 20
+        sizes[quant] = out.stat().st_size
+    assert 1.6 < sizes[None] / sizes["float16"] < 2.2
+    assert 2.5 < sizes[None] / sizes["int8"] < 4.5
+    assert meta["float16"]["max_abs_diff"] < 5e-3 and meta["float16"]["same_grade"] >= 19
+    assert meta["int8"]["max_abs_diff"] < 0.15 and meta["int8"]["same_grade"] >= 16
+    assert meta["int8"]["max_abs_diff"] > meta["float16"]["max_abs_diff"]
 
 
 def test_export_errors(run):

@@ -134,7 +134,7 @@ def test_two_phase_fine_tuning_and_weights_from_a_run(shards, tmp_path):
 
 def test_user_errors_are_one_line(shards, tmp_path):
     r = drpipe("train", "--data", tmp_path / "nope", "--out", tmp_path / "r", check=False)
-    assert r.returncode == 1
+    assert r.returncode == 2  # a missing input (README: exit codes)
     assert r.stderr == (f"drpipe: error: {tmp_path / 'nope'}: no drpipe shards here (no "
                         "dataset_info.json); run drpipe preprocess first, or give --data\n")
     r = drpipe("train", "--model", "resnet9000", check=False)
