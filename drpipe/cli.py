@@ -470,7 +470,9 @@ def preprocess(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_me
         ratios = parse_split_spec(split_spec)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--split") from None
-    if not src.is_dir():  # before --out is created: a typo leaves nothing behind
+    # Before --out is created: a typo leaves nothing behind. (A store URL is checked when
+    # listed; a file may be one .zip.)
+    if not storage.is_url(src) and not Path(src).exists():
         raise MissingInputError(f"--src {src}: no such directory")
     cfg = JobConfig(src=str(src), out=str(out),
                     process=dataclasses.replace(make_process_config(
@@ -502,7 +504,7 @@ def preprocess(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_me
     if not summary["ok"]:  # nothing to train on is a failed run, never a silent exit 0
         reasons = ", ".join(f"{k} {v}" for k, v in summary["rejected_by_reason"].items())
         raise DrpipeError(f"no usable photo: {summary['photos']} found, {summary['rejected']} "
-                          f"rejected ({reasons or 'none'}; see {out / 'data_manifest.csv'})")
+                          f"rejected ({reasons or 'none'}; see {out}/data_manifest.csv)")
     if strict and summary["rejected"]:
         raise DrpipeError(f"--strict: {summary['rejected']} photo(s) rejected "
                           f"(reasons in {out}/data_manifest.csv)")

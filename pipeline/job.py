@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import manifest
+from pipeline import manifest, storage
 from pipeline.process import ProcessConfig, ProcessedImage, Rejection, process, read_photo
 from pipeline.quality import quality_row
 from pipeline.sources import Source, SourceError, detect_source
@@ -408,7 +408,9 @@ def run(config: JobConfig, opts: RunOptions, progress_factory=None) -> dict:
 def _run(config: JobConfig, opts: RunOptions, progress_factory) -> dict:
     t0 = time.time()
     out = Path(config.out)
-    if not Path(config.src).is_dir():  # before --out is made: nothing left behind
+    # Before --out is made: nothing left behind (a store URL is checked when listed; one
+    # .zip file is a source too).
+    if not storage.is_url(config.src) and not Path(config.src).exists():
         raise SourceError(f"{config.src}: no such directory")
     try:
         out.mkdir(parents=True, exist_ok=True)
