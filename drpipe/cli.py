@@ -28,6 +28,12 @@ class DrpipeError(click.ClickException):
         click.echo(f"drpipe: error: {self.format_message()}", err=True)
 
 
+class Busy(DrpipeError):
+    """Another run holds the output's lock: this run is skipped, exit 75 (EX_TEMPFAIL)."""
+
+    exit_code = 75
+
+
 class InputDataError(DrpipeError):
     """Bad labels or an unknown source layout: one line, exit code 3."""
 
@@ -426,7 +432,7 @@ def preprocess(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_me
     from tqdm import tqdm
 
     from pipeline import storage
-    from pipeline.job import JobConfig, JobError, RunOptions
+    from pipeline.job import JobConfig, JobError, LockHeld, RunOptions
     from pipeline.job import run as run_job
     from pipeline.remote_out import run_to_store
     from pipeline.sources import LabelError, SourceError
@@ -451,25 +457,53 @@ def preprocess(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_me
     opts = RunOptions(workers=workers, scheduler=scheduler, strict=strict,
                       overwrite=overwrite, quiet=quiet)
 
+    terminal = sys.stdout.isatty()  # a scheduler's log: no bar, a one-line summary
+
     def bar(total, initial):
         return tqdm(total=total, initial=initial, unit="photo", desc="preprocess",
-                    disable=True if quiet else None, smoothing=0.1)
+                    disable=True if quiet or not terminal else None, smoothing=0.1)
+    import time
+
+    started, status, summary = time.time(), 1, None
     try:
-        summary = run_job(cfg, opts, progress_factory=bar)
-    except KeyboardInterrupt:
-        raise Interrupted(f"interrupted; what was committed to {out} is kept (re-run the same "
-                          "command to resume)") from None
-    except (LabelError, SourceError) as e:
-        raise InputDataError(str(e)) from None
-    except JobError as e:
-        raise DrpipeError(str(e)) from None
-    if summary_json:
-        summary_json.write_text(json.dumps(summary, indent=2) + "\n")
-    if not quiet:
-        _print_summary(summary, out)
-    if strict and summary["rejected"]:
-        raise DrpipeError(f"--strict: {summary['rejected']} photo(s) rejected "
-                          f"(reasons in {out}/data_manifest.csv)")
+        try:
+            summary = run_job(cfg, opts, progress_factory=bar)
+        except KeyboardInterrupt:
+            status = 130
+            raise Interrupted(f"interrupted; what was committed to {out} is kept (re-run the "
+                              "same command to resume)") from None
+        except LockHeld as e:
+            status = 75
+            raise Busy(f"skipped: {e}") from None
+        except (LabelError, SourceError) as e:
+            status = 3
+            raise InputDataError(str(e)) from None
+        except JobError as e:
+            raise DrpipeError(str(e)) from None
+        if summary_json:
+            summary_json.write_text(json.dumps(summary, indent=2) + "\n")
+        if not quiet:
+            (_print_summary if terminal else _print_short_summary)(summary, out)
+        if strict and summary["rejected"]:
+            raise DrpipeError(f"--strict: {summary['rejected']} photo(s) rejected "
+                              f"(reasons in {out}/data_manifest.csv)")
+        status = 0
+    finally:
+        if not storage.is_url(out):
+            from pipeline.versions import history_entry
+
+            history_entry(out, status, summary, started)
+
+
+def _print_short_summary(s: dict, out) -> None:
+    """One line for a scheduler's log."""
+    c = s.get("changes") or {}
+    what = ("no change" if s.get("already_complete") else
+            ", ".join(f"{v} {k}" for k, v in c.items() if v) or "no photo changed")
+    click.echo(f"{out}: version {s.get('version', 1)}: {s['ok']} of {s['photos']} photos in "
+               f"{sum(s['shards'].values())} shards ({what}; {s['rejected']} rejected; "
+               + ("already complete)" if s.get("already_complete") else
+                  f"{s['timings']['total_s']:.1f} s)"))
 
 
 def _print_summary(s: dict, out) -> None:
