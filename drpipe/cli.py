@@ -540,11 +540,16 @@ def _print_summary(s: dict, out) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="CSV to write: image, patient_id, eye, label, split.")
-def split(labels, id_col, label_col, patient_col, split_spec, seed, out):
+@click.option("--previous", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="An earlier plan (drpipe split --out): its patients keep "
+                                 "their split; only new patients are assigned.")
+def split(labels, id_col, label_col, patient_col, split_spec, seed, out, previous):
     """Plan a patient-safe stratified split from a labels file alone (no photos needed).
 
     Uses the same code as preprocess: with the same labels, --split and --seed, the
-    shards get exactly this split.
+    shards get exactly this split. With --previous, the plan of a grown labels file: as an
+    incremental preprocess run, every earlier patient stays in its split and new patients
+    are assigned from the current counts.
     """
     import csv
     import io
@@ -574,7 +579,22 @@ def split(labels, id_col, label_col, patient_col, split_spec, seed, out):
         if first != header or out.resolve() == labels.resolve():
             raise click.BadParameter(f"{out} exists and is not a drpipe split plan; "
                                      "choose another --out", param_hint="--out")
-    assignment = assign_splits([(r.image_id, r.patient_id, r.label) for r in rows], ratios, seed)
+    keep = None
+    if previous is not None:
+        try:
+            with open(previous, newline="", encoding="utf-8") as f:
+                plan = list(csv.DictReader(f))
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputDataError(f"cannot read --previous {previous}: {e}") from None
+        if not plan or not {"patient_id", "split"} <= set(plan[0]):
+            raise InputDataError(f"--previous {previous} is not a drpipe split plan "
+                                 "(no patient_id and split columns)")
+        keep = {r["patient_id"].removeprefix("'"): r["split"] for r in plan}
+    try:
+        assignment = assign_splits([(r.image_id, r.patient_id, r.label) for r in rows], ratios,
+                                   seed, keep=keep)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--split") from None
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(header)

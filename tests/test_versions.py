@@ -186,3 +186,27 @@ def _worst_deviation(rows, got, ratios) -> float:
         for g in range(5):
             worst = max(worst, abs(labels.count(g) / len(labels) - whole[g]) * 100)
     return worst
+
+
+def test_split_cli_previous(sample_dir, tmp_path):
+    """drpipe split --previous on a grown labels file: earlier patients stay put."""
+    labels = sample_dir.parent / "eyepacs-labels/trainLabels.csv"
+    lines = labels.read_text().splitlines()
+    half = tmp_path / "half.csv"
+    half.write_text("\n".join(lines[: len(lines) // 2]) + "\n")
+    old, new = tmp_path / "old-split.csv", tmp_path / "new-split.csv"
+    for args in (["--labels", half, "--out", old],
+                 ["--labels", labels, "--previous", old, "--out", new]):
+        r = subprocess.run([DRPIPE, "split", *map(str, args)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    before = {r["patient_id"]: r["split"] for r in csv.DictReader(open(old))}
+    after = list(csv.DictReader(open(new)))
+    assert len(after) > 35000
+    moved = [r["patient_id"] for r in after
+             if r["patient_id"] in before and before[r["patient_id"]] != r["split"]]
+    assert moved == []
+    rows = [(r["image"], r["patient_id"], int(r["label"])) for r in after]
+    assert {r["image"]: r["split"] for r in after} == assign_splits(
+        rows, {"train": 0.8, "val": 0.1, "test": 0.1}, 0, keep=before)
+    assert _worst_deviation(rows, {r["image"]: r["split"] for r in after},
+                            {"train": 0.8, "val": 0.1, "test": 0.1}) < 1.0
