@@ -685,7 +685,11 @@ def _int_list(ctx, param, value):
               metavar="usable|good|SCORE",
               help="Train and validate only on photos whose quality recorded in the shards "
                    "reaches this (docs/QUALITY.md); no preprocessing again [default: all].")
-def train(resume, **kw):
+@click.option("--version", "data_version", type=click.IntRange(1), default=None,
+              help="The dataset version of --data to train on [default: the latest]; the run "
+                   "records it (its data is that version's folder), evaluate and predict "
+                   "stay on it.")
+def train(resume, data_version, **kw):
     """Train a grading model on the shards: tf.data into ResNetV2 or transfer learning.
 
     Writes a run directory: config.json, history.csv, TensorBoard logs, checkpoints (best by
@@ -706,7 +710,13 @@ def train(resume, **kw):
             raise click.BadParameter(f"unknown model {kw['model']!r}; choose from "
                                      f"{', '.join(MODEL_NAMES)}", param_hint="--model")
         kw["out"] = kw["out"] or default_run_dir()
-        kw["data"] = str(Path(kw["data"]).resolve())  # predict/evaluate run from anywhere
+        from pipeline.versions import resolve
+
+        try:  # a versioned output: the version's folder (docs/FORMAT.md, "Versions")
+            data = resolve(kw["data"], data_version)
+        except FileNotFoundError as e:
+            raise click.BadParameter(str(e), param_hint="--version") from None
+        kw["data"] = str(Path(data).resolve())  # predict/evaluate run from anywhere
         cfg = TrainConfig(**kw)
     try:
         result = run_training(cfg, resume=bool(resume), log=click.echo)

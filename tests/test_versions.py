@@ -210,3 +210,44 @@ def test_split_cli_previous(sample_dir, tmp_path):
         rows, {"train": 0.8, "val": 0.1, "test": 0.1}, 0, keep=before)
     assert _worst_deviation(rows, {r["image"]: r["split"] for r in after},
                             {"train": 0.8, "val": 0.1, "test": 0.1}) < 1.0
+
+
+@pytest.mark.slow
+def test_train_pins_a_version(tmp_path):
+    """train --data reads the latest version, --version N pins one; evaluate stays on it."""
+    pytest.importorskip("tensorflow")
+    from pipeline.synth import synth_dataset
+
+    src, out = tmp_path / "raw", tmp_path / "shards"
+    synth_dataset(src, n=40, seed=3)
+    labels = (src / "trainLabels.csv").read_text().splitlines()
+    (src / "trainLabels.csv").write_text("\n".join(labels[:21]) + "\n")  # 20 photos first
+    keep = {line.split(",")[0] for line in labels[1:21]}
+    hidden = tmp_path / "later"
+    hidden.mkdir()
+    for p in (src / "train").iterdir():
+        if p.stem not in keep:
+            p.rename(hidden / p.name)
+    assert run(src, out).returncode == 0
+    for p in hidden.iterdir():
+        p.rename(src / "train" / p.name)
+    (src / "trainLabels.csv").write_text("\n".join(labels) + "\n")
+    assert run(src, out).returncode == 0
+    n = {k: sum(1 for _ in iter_split(versions.version_dir(out, k), "train")) for k in (1, 2)}
+    assert n[2] > n[1]
+    for version, want in ((["--version", "1"], 1), ([], 2)):
+        r = subprocess.run([DRPIPE, "train", "--data", str(out), *version, "--model",
+                            "cnn-small", "--image-size", "32", "--epochs", "1",
+                            "--batch-size", "8", "--precise-bn", "0", "--out",
+                            str(tmp_path / f"run{want}")], capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        cfg = json.loads((tmp_path / f"run{want}" / "config.json").read_text())
+        assert Path(cfg["data"]) == versions.version_dir(out, want).resolve()
+    r = subprocess.run([DRPIPE, "evaluate", str(tmp_path / "run1"), "--split", "train"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"n={n[1]}," in r.stdout
+    r = subprocess.run([DRPIPE, "train", "--data", str(out), "--version", "9", "--out",
+                        str(tmp_path / "run9")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "no version 9" in r.stderr
