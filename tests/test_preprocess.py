@@ -203,7 +203,9 @@ def test_lock_stops_a_second_run(raw, tmp_path):
         r = preprocess("--src", raw, "--out", tmp_path, "--limit", 4, check=False)
     finally:
         lock.close()
-    assert r.returncode == 1 and "another drpipe run" in r.stderr and "4242" in r.stderr
+    assert r.returncode == 75 and "another drpipe run" in r.stderr and "4242" in r.stderr
+    history = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert [h["exit_status"] for h in history] == [75]
 
 
 def test_strict_fails_on_rejections(raw, tmp_path):
