@@ -166,7 +166,13 @@ def append_history(out: str | Path, entry: dict) -> None:
 
 
 def history_entry(out: str | Path, status: int, summary: dict | None, started: float) -> None:
-    """Append the line of one ``drpipe preprocess`` run to ``out``'s history."""
+    """Append the line of one ``drpipe preprocess`` run to ``out``'s history: only in a
+    drpipe output (a state file there, or the lock held by another run), never in a folder
+    a run refused."""
+    from pipeline.job import STATE_FILE
+
+    if not (Path(out) / STATE_FILE).exists() and status != 75:
+        return
     s = summary or {}
     c = s.get("changes") or {}
     append_history(out, {
