@@ -299,7 +299,7 @@ def _refuse_other_config(out: Path, config: JobConfig, overwrite: bool) -> None:
     differ = sorted(k for k, (a, b) in flat.items() if a != b)
     if differ:
         what = ", ".join(f"{k} {flat[k][0]!r} -> {flat[k][1]!r}" for k in differ[:3])
-        raise JobError(f"{out} holds a run with another configuration ({what}"
+        raise JobError(f"{out} holds a run with a different configuration ({what}"
                        + (", ..." if len(differ) > 3 else "") + "); use --overwrite to "
                        "rebuild it, or choose another --out")
 
