@@ -426,7 +426,9 @@ def preprocess(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_me
     version: only new, replaced and relabelled photos are processed, earlier shards stay as
     they are, no patient changes split (versions/, docs/FORMAT.md "Versions"). Off a terminal
     (cron, systemd): no progress bar, a one-line summary; every run appends a JSON line to
-    OUT/history.jsonl; exit 75 when another run holds OUT's lock. Outputs: {split}-{i:05d}-of-{n:05d}.tfrecord,
+    OUT/history.jsonl; exit 75 when another run holds OUT's lock.
+
+    Outputs: {split}-{i:05d}-of-{n:05d}.tfrecord,
     data_manifest.csv, manifest.parquet, drpipe_info.json, and the TensorFlow Datasets
     files (features.json; dataset_info.json, written last), so that
     tfds.builder_from_directory opens the output (docs/FORMAT.md).
