@@ -147,10 +147,16 @@ def test_tfds_reads_latest(sample_dir, tmp_path):
             shutil.copy(sample_dir / "train" / f"{i}.jpeg", src / "train" / f"{i}.jpeg")
         write_labels(src, {i: labels[i] for i in ids[:n]})
         assert run(src, out).returncode == 0
-    builder = tfds.builder_from_directory(str(out))
-    n = sum(builder.info.splits[s].num_examples for s in builder.info.splits)
-    got = sum(1 for s in builder.info.splits for _ in builder.as_dataset(split=s))
-    assert n == got == 12
+    # a removal: its shard is dropped from version 3, the rest of it copied
+    (src / "train" / f"{ids[0]}.jpeg").unlink()
+    write_labels(src, {i: labels[i] for i in ids[1:]})
+    assert run(src, out).returncode == 0
+    for d, want in ((out, set(ids[1:])), (versions.version_dir(out, 2), set(ids))):
+        builder = tfds.builder_from_directory(str(d))
+        n = sum(builder.info.splits[s].num_examples for s in builder.info.splits)
+        got = [ex["image/id"].numpy().decode() for s in builder.info.splits
+               for ex in builder.as_dataset(split=s)]
+        assert n == len(got) == len(want) and set(got) == want
 
 
 def test_stable_split_on_kaggle_growth():
