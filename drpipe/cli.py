@@ -42,6 +42,12 @@ def _need_shards(data) -> None:
                                 "drpipe preprocess first, or give --data")
 
 
+class Busy(DrpipeError):
+    """Another run holds the output's lock: this run is skipped, exit 75 (EX_TEMPFAIL)."""
+
+    exit_code = 75
+
+
 class InputDataError(DrpipeError):
     """Bad labels or an unknown source layout: one line, exit code 3."""
 
@@ -446,7 +452,13 @@ def preprocess(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_me
     safely, and write sharded TFRecords with a manifest that accounts for every photo.
 
     Re-running resumes an interrupted run (same bytes as an uninterrupted one) and is a
-    no-op on a finished one. Outputs: {split}-{i:05d}-of-{n:05d}.tfrecord,
+    no-op on a finished one. Re-running on a grown or changed source commits a new dataset
+    version: only new, replaced and relabelled photos are processed, earlier shards stay as
+    they are, no patient changes split (versions/, docs/FORMAT.md "Versions"). Off a terminal
+    (cron, systemd): no progress bar, a one-line summary; every run appends a JSON line to
+    OUT/history.jsonl; exit 75 when another run holds OUT's lock.
+
+    Outputs: {split}-{i:05d}-of-{n:05d}.tfrecord,
     data_manifest.csv, manifest.parquet, drpipe_info.json, and the TensorFlow Datasets
     files (features.json; dataset_info.json, written last), so that
     tfds.builder_from_directory opens the output (docs/FORMAT.md).
@@ -456,7 +468,7 @@ def preprocess(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_me
     from tqdm import tqdm
 
     from pipeline import storage
-    from pipeline.job import JobConfig, JobError, RunOptions
+    from pipeline.job import JobConfig, JobError, LockHeld, RunOptions
     from pipeline.job import run as run_job
     from pipeline.remote_out import run_to_store
     from pipeline.sources import LabelError, SourceError
@@ -485,29 +497,58 @@ def preprocess(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_me
     opts = RunOptions(workers=workers, scheduler=scheduler, strict=strict,
                       overwrite=overwrite, quiet=quiet)
 
+    terminal = sys.stdout.isatty()  # a scheduler's log: no bar, a one-line summary
+
     def bar(total, initial):
         return tqdm(total=total, initial=initial, unit="photo", desc="preprocess",
-                    disable=True if quiet else None, smoothing=0.1)
+                    disable=True if quiet or not terminal else None, smoothing=0.1)
+    import time
+
+    started, status, summary = time.time(), 1, None
     try:
-        summary = run_job(cfg, opts, progress_factory=bar)
-    except KeyboardInterrupt:
-        raise Interrupted(f"interrupted; what was committed to {out} is kept (re-run the same "
-                          "command to resume)") from None
-    except (LabelError, SourceError) as e:
-        raise InputDataError(str(e)) from None
-    except JobError as e:
-        raise DrpipeError(str(e)) from None
-    if summary_json:
-        summary_json.write_text(json.dumps(summary, indent=2) + "\n")
-    if not quiet:
-        _print_summary(summary, out)
-    if not summary["ok"]:  # nothing to train on is a failed run, never a silent exit 0
-        reasons = ", ".join(f"{k} {v}" for k, v in summary["rejected_by_reason"].items())
-        raise DrpipeError(f"no usable photo: {summary['photos']} found, {summary['rejected']} "
-                          f"rejected ({reasons or 'none'}; see {out}/data_manifest.csv)")
-    if strict and summary["rejected"]:
-        raise DrpipeError(f"--strict: {summary['rejected']} photo(s) rejected "
-                          f"(reasons in {out}/data_manifest.csv)")
+        try:
+            summary = run_job(cfg, opts, progress_factory=bar)
+        except KeyboardInterrupt:
+            status = 130
+            raise Interrupted(f"interrupted; what was committed to {out} is kept (re-run the "
+                              "same command to resume)") from None
+        except LockHeld as e:
+            status = 75
+            raise Busy(f"skipped: {e}") from None
+        except (LabelError, SourceError) as e:
+            status = 3
+            raise InputDataError(str(e)) from None
+        except JobError as e:
+            raise DrpipeError(str(e)) from None
+        if summary_json:
+            summary_json.write_text(json.dumps(summary, indent=2) + "\n")
+        if not quiet:
+            (_print_summary if terminal else _print_short_summary)(summary, out)
+        if not summary["ok"]:  # nothing to train on is a failed run, never a silent exit 0
+            reasons = ", ".join(f"{k} {v}" for k, v in summary["rejected_by_reason"].items())
+            raise DrpipeError(f"no usable photo: {summary['photos']} found, "
+                              f"{summary['rejected']} rejected ({reasons or 'none'}; see "
+                              f"{out}/data_manifest.csv)")
+        if strict and summary["rejected"]:
+            raise DrpipeError(f"--strict: {summary['rejected']} photo(s) rejected "
+                              f"(reasons in {out}/data_manifest.csv)")
+        status = 0
+    finally:
+        if not storage.is_url(out):
+            from pipeline.versions import history_entry
+
+            history_entry(out, status, summary, started)
+
+
+def _print_short_summary(s: dict, out) -> None:
+    """One line for a scheduler's log."""
+    c = s.get("changes") or {}
+    what = ("no change" if s.get("already_complete") else
+            ", ".join(f"{v} {k}" for k, v in c.items() if v) or "no photo changed")
+    click.echo(f"{out}: version {s.get('version', 1)}: {s['ok']} of {s['photos']} photos in "
+               f"{sum(s['shards'].values())} shards ({what}; {s['rejected']} rejected; "
+               + ("already complete)" if s.get("already_complete") else
+                  f"{s['timings']['total_s']:.1f} s)"))
 
 
 def _print_summary(s: dict, out) -> None:
@@ -546,11 +587,16 @@ def _print_summary(s: dict, out) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="CSV to write: image, patient_id, eye, label, split.")
-def split(labels, id_col, label_col, patient_col, split_spec, seed, out):
+@click.option("--previous", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="An earlier plan (drpipe split --out): its patients keep "
+                                 "their split; only new patients are assigned.")
+def split(labels, id_col, label_col, patient_col, split_spec, seed, out, previous):
     """Plan a patient-safe stratified split from a labels file alone (no photos needed).
 
     Uses the same code as preprocess: with the same labels, --split and --seed, the
-    shards get exactly this split.
+    shards get exactly this split. With --previous, the plan of a grown labels file: as an
+    incremental preprocess run, every earlier patient stays in its split and new patients
+    are assigned from the current counts.
     """
     import csv
     import io
@@ -580,7 +626,22 @@ def split(labels, id_col, label_col, patient_col, split_spec, seed, out):
         if first != header or out.resolve() == labels.resolve():
             raise click.BadParameter(f"{out} exists and is not a drpipe split plan; "
                                      "choose another --out", param_hint="--out")
-    assignment = assign_splits([(r.image_id, r.patient_id, r.label) for r in rows], ratios, seed)
+    keep = None
+    if previous is not None:
+        try:
+            with open(previous, newline="", encoding="utf-8") as f:
+                plan = list(csv.DictReader(f))
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputDataError(f"cannot read --previous {previous}: {e}") from None
+        if not plan or not {"patient_id", "split"} <= set(plan[0]):
+            raise InputDataError(f"--previous {previous} is not a drpipe split plan "
+                                 "(no patient_id and split columns)")
+        keep = {r["patient_id"].removeprefix("'"): r["split"] for r in plan}
+    try:
+        assignment = assign_splits([(r.image_id, r.patient_id, r.label) for r in rows], ratios,
+                                   seed, keep=keep)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--split") from None
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(header)
@@ -671,7 +732,11 @@ def _int_list(ctx, param, value):
               metavar="usable|good|SCORE",
               help="Train and validate only on photos whose quality recorded in the shards "
                    "reaches this (docs/QUALITY.md); no preprocessing again [default: all].")
-def train(resume, **kw):
+@click.option("--version", "data_version", type=click.IntRange(1), default=None,
+              help="The dataset version of --data to train on [default: the latest]; the run "
+                   "records it (its data is that version's folder), evaluate and predict "
+                   "stay on it.")
+def train(resume, data_version, **kw):
     """Train a grading model on the shards: tf.data into ResNetV2 or transfer learning.
 
     Writes a run directory: config.json, history.csv, TensorBoard logs, checkpoints (best by
@@ -697,7 +762,13 @@ def train(resume, **kw):
             raise click.BadParameter(f"unknown model {kw['model']!r}; choose from "
                                      f"{', '.join(MODEL_NAMES)}", param_hint="--model")
         kw["out"] = kw["out"] or default_run_dir()
-        kw["data"] = str(Path(kw["data"]).resolve())  # predict/evaluate run from anywhere
+        from pipeline.versions import resolve
+
+        try:  # a versioned output: the version's folder (docs/FORMAT.md, "Versions")
+            data = resolve(kw["data"], data_version)
+        except FileNotFoundError as e:
+            raise click.BadParameter(str(e), param_hint="--version") from None
+        kw["data"] = str(Path(data).resolve())  # predict/evaluate run from anywhere
         cfg = TrainConfig(**kw)
     _need_shards(cfg.data)
     try:

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import manifest, storage
+from pipeline import manifest, storage, versions
 from pipeline.process import ProcessConfig, ProcessedImage, Rejection, process, read_photo
 from pipeline.quality import quality_row
 from pipeline.sources import Source, SourceError, detect_source
@@ -61,11 +61,15 @@ LOCK_FILE = ".drpipe.lock"
 STAGING = ".staging"
 INFO_FILE = output_info.INFO_FILE
 OWN_FILES = {STATE_FILE, LOCK_FILE, STAGING, INFO_FILE, "data_manifest.csv",
-             "manifest.parquet", *output_info.FILES}
+             "manifest.parquet", *output_info.FILES, versions.VERSIONS, versions.HISTORY}
 
 
 class JobError(RuntimeError):
     """The run cannot proceed; the message is the one line a user sees."""
+
+
+class LockHeld(JobError):
+    """Another run holds ``--out``: this one is skipped (exit 75, EX_TEMPFAIL)."""
 
 
 @dataclass(frozen=True)
@@ -204,7 +208,7 @@ class _Lock:
             self.f.seek(0)
             holder = self.f.read().strip() or "?"
             self.f.close()
-            raise JobError(f"another drpipe run is writing to {self.path.parent} "
+            raise LockHeld(f"another drpipe run is writing to {self.path.parent} "
                            f"(pid {holder}); wait for it or choose another --out") from None
         self.f.seek(0)
         self.f.truncate()
@@ -244,12 +248,7 @@ def _prepare_out(out: Path, state: dict, overwrite: bool) -> bool:
     ``*.tfrecord`` in ``out`` would be read as part of the dataset, so it is refused."""
     state_path = out / STATE_FILE
     old = _read_json(state_path) if state_path.exists() else None
-    recorded = _recorded_shards(out, old or {})
-    stray = sorted(p.name for p in out.glob("*.tfrecord") if p.name not in recorded)
-    if stray:
-        raise JobError(f"{out} holds {stray[0]}" + (f" and {len(stray) - 1} more shard(s)"
-                       if len(stray) > 1 else "") + " that no drpipe run recorded writing "
-                       "here; move them away or choose another --out")
+    recorded = _refuse_strays(out, old)
     if old is not None:
         same = (old.get("config_hash") == state["config_hash"]
                 and old.get("input_hash") == state["input_hash"])
@@ -273,6 +272,55 @@ def _prepare_out(out: Path, state: dict, overwrite: bool) -> bool:
     state["shards"] = {}
     atomic_write_bytes(state_path, json.dumps(state, indent=2, sort_keys=True).encode())
     return False
+
+
+def _refuse_strays(out: Path, old: dict | None) -> set[str]:
+    """The shards drpipe recorded in ``out``; any other ``*.tfrecord`` there is refused."""
+    recorded = _recorded_shards(out, old or {})
+    stray = sorted(p.name for p in out.glob("*.tfrecord") if p.name not in recorded)
+    if stray:
+        raise JobError(f"{out} holds {stray[0]}" + (f" and {len(stray) - 1} more shard(s)"
+                       if len(stray) > 1 else "") + " that no drpipe run recorded writing "
+                       "here; move them away or choose another --out")
+    return recorded
+
+
+def _refuse_other_config(out: Path, config: JobConfig, overwrite: bool) -> None:
+    """Refuse (without --overwrite) a finished output made with another configuration,
+    naming the settings that differ."""
+    if overwrite or not output_info.has_info(out):
+        return
+    try:
+        info = output_info.load_info(out)
+    except (OSError, ValueError):
+        return
+    if info.get("config_hash") == config.hash():
+        return
+    old = info.get("config") or {}
+    new = json.loads(json.dumps(config.output_config()))
+    flat = {}
+    for d, tag in ((old, 0), (new, 1)):
+        for k, v in d.items():
+            for kk, vv in (v.items() if isinstance(v, dict) and k == "process" else [(k, v)]):
+                flat.setdefault(kk, [None, None])[tag] = vv
+    differ = sorted(k for k, (a, b) in flat.items() if a != b)
+    if differ:
+        what = ", ".join(f"{k} {flat[k][0]!r} -> {flat[k][1]!r}" for k in differ[:3])
+        raise JobError(f"{out} holds a run with a different configuration ({what}"
+                       + (", ..." if len(differ) > 3 else "") + "); use --overwrite to "
+                       "rebuild it, or choose another --out")
+
+
+def _incremental(out: Path, state: dict, overwrite: bool) -> dict | None:
+    """The previous state if this run adds a version to ``out`` (same configuration, other
+    inputs, a committed version; or an interrupted incremental run), else None."""
+    old = _read_json(out / STATE_FILE) if (out / STATE_FILE).exists() else None
+    if (overwrite or not old or old.get("config_hash") != state["config_hash"]
+            or versions.latest_version(out) is None or not (out / INFO_FILE).exists()):
+        return None
+    if old.get("input_hash") != state["input_hash"] or old.get("pending_version"):
+        return old
+    return None
 
 
 def _read_json(path: Path) -> dict:
@@ -426,6 +474,13 @@ def _run(config: JobConfig, opts: RunOptions, progress_factory) -> dict:
         missing = [] if config.limit else source.labels_without_photo
         state = {"config_hash": config.hash(), "input_hash": _input_fingerprint(source, photos),
                  "drpipe_version": _version()}
+        _refuse_other_config(out, config, opts.overwrite)
+        old = _incremental(out, state, opts.overwrite)
+        if old is not None:
+            from pipeline.incremental import run_incremental
+
+            return run_incremental(config, opts, progress_factory, out, source, photos,
+                                   missing, state, old, t0)
         if _prepare_out(out, state, opts.overwrite):
             info = output_info.load_info(out)
             return dict(info["summary"], already_complete=True)
@@ -485,7 +540,11 @@ def _run(config: JobConfig, opts: RunOptions, progress_factory) -> dict:
                 "features": {k: kind for k, (kind, _) in FEATURES.items()},
                 "splits": shards, "counts": summary["counts"],
                 "config": config.output_config(), "config_hash": config.hash(),
-                "input_hash": state["input_hash"], "summary": summary}
+                "input_hash": state["input_hash"], "summary": summary, "version": 1}
+        listed = versions.listing(source, photos)
+        summary.update(version=1, changes={"added": len(listed), "removed": 0,
+                                           "replaced": 0, "relabelled": 0})
+        versions.write_version(out, 1, info, rows, listed, {"added": sorted(listed)})
         output_info.write_info(out, info)
         shutil.rmtree(staging, ignore_errors=True)
         return summary
@@ -594,19 +653,20 @@ def _write_shards(rows: list[dict], config: JobConfig, out: Path, staging: Path,
                                    state if state is not None else {"shards": {}})
 
 
-def _write_split_shards(rows, config, out, staged: _StagedRecords, state: dict) -> dict:
+def _write_split_shards(rows, config, out, staged: _StagedRecords, state: dict,
+                        names=shard_name, order_key=()) -> dict:
     target = int(config.shard_size_mb * 1024 * 1024)
     info = {}
     for split in config.split:
         members = sorted((r for r in rows if r["status"] == "ok" and r["split"] == split),
                          key=lambda r: r["image_id"])
-        rng = np.random.default_rng([config.seed, _stable_int(split)])
+        rng = np.random.default_rng([config.seed, _stable_int(split), *order_key])
         members = [members[i] for i in rng.permutation(len(members))]
         assignment = plan_shards([r["_length"] for r in members], target)
         count = (max(assignment) + 1) if assignment else 0
         files = []
         for i in range(count):
-            name = shard_name(split, i, count)
+            name = names(split, i, count)
             these = [r for r, a in zip(members, assignment, strict=True) if a == i]
             for r in these:
                 r["shard"] = name

@@ -65,6 +65,12 @@ def _job_error(msg: str):
     return JobError(msg)
 
 
+def _lock_held(msg: str):
+    from pipeline.job import LockHeld  # exit 75, as a held local lock
+
+    return LockHeld(msg)
+
+
 def check_store(fs, url: str) -> None:
     """One line for a bucket that is not there or credentials that are refused."""
     bucket = fs._strip_protocol(url).split("/", 1)[0]
@@ -125,9 +131,9 @@ class Lease:
                 self.fs.rm(self.path)
                 if not self._create():
                     holder = self._holder() or {}
-                    raise _job_error(_held_message(self.path, holder))
+                    raise _lock_held(_held_message(self.path, holder))
             else:
-                raise _job_error(_held_message(self.path, holder))
+                raise _lock_held(_held_message(self.path, holder))
         self._thread = threading.Thread(target=self._renew, daemon=True)
         self._thread.start()
         return self

@@ -60,13 +60,15 @@ def parse_split_spec(spec: str) -> dict[str, float]:
 
 
 def assign_splits(rows: Iterable[tuple[str, str, int]], ratios: dict[str, float],
-                  seed: int = 0) -> dict[str, str]:
+                  seed: int = 0, keep: dict[str, str] | None = None) -> dict[str, str]:
     """Assign each image to a split, whole patients at a time, stratified by grade.
 
     Args:
       rows: (image_id, patient_id, grade) triples.
       ratios: {split name: fraction}, fractions summing to 1.
       seed: the same rows, ratios and seed always give the same assignment.
+      keep: {patient_id: split} of an earlier version: these patients stay where they are
+        (their counts start the greedy); only the others are assigned (incremental runs).
     Returns:
       {image_id: split name}.
     """
@@ -98,6 +100,16 @@ def assign_splits(rows: Iterable[tuple[str, str, int]], ratios: dict[str, float]
     current = np.zeros_like(target)
     size = np.zeros(len(names))
     choice = np.empty(len(pids), int)
+    fixed = np.zeros(len(pids), bool)
+    for i, p in enumerate(pids):
+        if keep and p in keep:
+            if keep[p] not in names:
+                raise ValueError(f"patient {p!r} was in split {keep[p]!r}, which --split lacks")
+            choice[i] = s = names.index(keep[p])
+            fixed[i] = True
+            current[s] += counts[i]
+            size[s] += counts[i].sum()
+    order = order[~fixed[order]]
     with np.errstate(divide="ignore", invalid="ignore"):
         for i in order:
             c = counts[i]

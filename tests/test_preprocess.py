@@ -176,9 +176,9 @@ def test_rerun_is_a_noop(raw, out2):
     r = subprocess.run([DRPIPE, "preprocess", "--src", str(raw), "--out", str(out2),
                         "--workers", "2", "--shard-size", "0.5"], capture_output=True, text=True)
     assert r.returncode == 0 and "already complete" in r.stdout
-    after = {p.name: p.stat().st_mtime_ns for p in out2.iterdir()
-             if p.name != ".drpipe.lock"}
-    assert after == {k: v for k, v in before.items() if k != ".drpipe.lock"}
+    log = (".drpipe.lock", "history.jsonl")  # the run's line is appended to the history
+    after = {p.name: p.stat().st_mtime_ns for p in out2.iterdir() if p.name not in log}
+    assert after == {k: v for k, v in before.items() if k not in log}
 
 
 def test_changed_config_refused_unless_overwrite(raw, tmp_path):
@@ -203,7 +203,9 @@ def test_lock_stops_a_second_run(raw, tmp_path):
         r = preprocess("--src", raw, "--out", tmp_path, "--limit", 4, check=False)
     finally:
         lock.close()
-    assert r.returncode == 1 and "another drpipe run" in r.stderr and "4242" in r.stderr
+    assert r.returncode == 75 and "another drpipe run" in r.stderr and "4242" in r.stderr
+    history = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert [h["exit_status"] for h in history] == [75]
 
 
 def test_strict_fails_on_rejections(raw, tmp_path):

@@ -128,7 +128,8 @@ def tfds_dataset_info(info: dict) -> dict:
         splits.append({"name": name,
                        "numBytes": str(sum(s["bytes"] for s in shards)),
                        "shardLengths": [str(s["records"]) for s in shards],
-                       "filepathTemplate": FILEPATH_TEMPLATE})
+                       # A later version's shards are read through its versions/ folder.
+                       "filepathTemplate": info.get("tfds_template", FILEPATH_TEMPLATE)})
     return {
         "name": TFDS_NAME,
         "version": TFDS_VERSION,

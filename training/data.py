@@ -23,6 +23,12 @@ EQUAL = (0.2, 0.2, 0.2, 0.2, 0.2)
 
 
 def shard_files(data_dir: str | Path, split: str) -> list[str]:
+    try:  # the shards drpipe lists (a versioned output holds shards of earlier versions too)
+        listed = load_info(data_dir)["splits"][split]["shards"]
+        if listed:
+            return [str(Path(data_dir) / f["name"]) for f in listed]
+    except (OSError, KeyError, TypeError, ValueError):
+        pass
     files = sorted(str(p) for p in Path(data_dir).glob(f"{split}-*-of-*.tfrecord"))
     if not files:
         raise FileNotFoundError(f"no shards for split {split!r} in {data_dir} "
