@@ -1042,6 +1042,8 @@ def tune(data, lrs, batch_sizes, grids, out, train_args):
     from training.tune import TuneError, check_manifest, parse_grid, plan
     from training.tune import tune as run_tune
 
+    if out is not None:  # before anything else: its files are not drpipe's to replace
+        _check_folder(out, "--out", "a tuning directory", "tune.json")
     items = []
     if lrs.strip():
         items.append(f"lr={lrs}")
@@ -1061,7 +1063,6 @@ def tune(data, lrs, batch_sizes, grids, out, train_args):
         _need_shards(data)
         fixed = ["--data", str(data.resolve()), *fixed]
     out = out or Path("runs") / f"tune-{time.strftime('%Y%m%d-%H%M%S')}"
-    _check_folder(out, "--out", "a tuning directory", "tune.json")
     points = plan(grid, out)
     for p in points:  # every point's flags are checked before anything trains
         try:

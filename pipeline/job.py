@@ -195,8 +195,10 @@ class _Lock:
     def __init__(self, out: Path):
         self.path = out / LOCK_FILE
         self.f = None
+        self.created = False
 
     def __enter__(self):
+        self.created = not os.path.lexists(self.path)
         self.f = open(self.path, "a+")
         try:
             fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -213,6 +215,9 @@ class _Lock:
         return self
 
     def __exit__(self, *exc):
+        # A folder this run refused (or never began: no state file) keeps no lock of ours.
+        if self.created and not (self.path.parent / STATE_FILE).exists():
+            self.path.unlink(missing_ok=True)
         fcntl.flock(self.f, fcntl.LOCK_UN)
         self.f.close()
 
@@ -263,13 +268,12 @@ def _prepare_out(out: Path, state: dict, overwrite: bool) -> bool:
                            "replace it, or choose another --out")
         _clear(out, recorded)
     else:
-        foreign = [p.name for p in out.iterdir() if p.name not in OWN_FILES
-                   and not p.name.endswith(TMP_SUFFIX) and p.name not in recorded]
-        if foreign and not overwrite:
+        # No state file: not a drpipe output, whatever its files are named (only the lock
+        # this run just took is ours); --overwrite never clears such a folder.
+        foreign = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)
+        if foreign:
             raise JobError(f"{out} is not empty and not a drpipe output ({foreign[0]}, ...); "
                            "choose an empty --out")
-        if overwrite:
-            _clear(out, recorded)
     state["shards"] = {}
     atomic_write_bytes(state_path, json.dumps(state, indent=2, sort_keys=True).encode())
     return False
@@ -298,6 +302,8 @@ def _recorded_shards(out: Path, old_state: dict) -> set[str]:
 
 
 def _clear(out: Path, recorded: set[str]) -> None:
+    if not (out / STATE_FILE).is_file():  # never a folder no drpipe run recorded as its own
+        return
     for p in out.iterdir():
         if p.name == LOCK_FILE:
             continue
@@ -358,13 +364,24 @@ def _start_client(opts: RunOptions):
     # whole process group, and only this process should answer it (one line, exit 130).
     import signal
 
+    # A Ctrl-C in that window is not lost: while SIGINT is ignored a handler cannot see it,
+    # so it is also blocked (held pending) by the main thread; SIG_IGN is restored to the
+    # previous handler first, then the unblock delivers it: KeyboardInterrupt, cluster closed.
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
                                dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR)
     finally:
         signal.signal(signal.SIGINT, previous)
-    return Client(cluster), cluster
+    try:
+        client = Client(cluster)
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a held Ctrl-C is raised here
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        cluster.close()
+        raise
+    return client, cluster
 
 
 def _batches(photos) -> list[list[dict]]:
