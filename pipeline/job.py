@@ -364,16 +364,17 @@ def _start_client(opts: RunOptions):
     # whole process group, and only this process should answer it (one line, exit 130).
     import signal
 
-    # A Ctrl-C in that window is not lost: while SIGINT is ignored a handler cannot see it,
-    # so it is also blocked (held pending) by the main thread; SIG_IGN is restored to the
-    # previous handler first, then the unblock delivers it: KeyboardInterrupt, cluster closed.
+    # SIGINT is blocked here, not ignored (an ignored one would be lost): a Ctrl-C while the
+    # cluster starts is held and raised as KeyboardInterrupt once it is up (then closed);
+    # each worker ignores SIGINT once started (pipeline/worker_signals.py).
     held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                               dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR)
-    finally:
-        signal.signal(signal.SIGINT, previous)
+                               dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR,
+                               preload=["pipeline.worker_signals"])
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        raise
     try:
         client = Client(cluster)
         signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a held Ctrl-C is raised here
