@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from drpipe import __version__
+from pipeline import outputs
 from tfrecord_writer.info import has_info
 
 
@@ -64,6 +65,24 @@ class RefusedError(DrpipeError):
     """An output that would replace or delete what drpipe did not create: one line, exit 2."""
 
     exit_code = 2
+
+
+# Keys every preprocess summary has: an existing --summary-json without them is not ours.
+SUMMARY_KEYS = ("photos", "ok", "rejected", "rejected_by_reason", "shards")
+
+
+def _check_replaceable(target, what, kind, is_own, inputs=()) -> None:
+    try:
+        outputs.check_replaceable(target, what, kind, is_own, inputs)
+    except outputs.OutputRefused as e:
+        raise RefusedError(str(e)) from None
+
+
+def _check_folder(out, what, kind, marker) -> None:
+    try:
+        outputs.check_folder(out, what, kind, marker)
+    except outputs.OutputRefused as e:
+        raise RefusedError(str(e)) from None
 
 
 def _load_config_file(ctx, param, value):
@@ -443,7 +462,8 @@ def preview(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_megap
               help="Replace an existing output made with another configuration.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no summary on stdout.")
 @click.option("--summary-json", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also write the run summary as JSON here.")
+              help="Also write the run summary as JSON here (an existing file only if it "
+                   "is an earlier drpipe summary; else exit 2).")
 def preprocess(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_megapixels,
                min_side, fmt, split_spec, seed, shard_size, workers, scheduler, source_kind,
                labels, id_col, label_col, patient_col, limit, strict, min_quality, overwrite,
@@ -486,6 +506,10 @@ def preprocess(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_me
     # listed; a file may be one .zip.)
     if not storage.is_url(src) and not Path(src).exists():
         raise MissingInputError(f"--src {src}: no such directory")
+    if summary_json:
+        _check_replaceable(summary_json, "--summary-json", "a drpipe summary JSON",
+                           outputs.json_has_keys(SUMMARY_KEYS),
+                           [p for p in (src, labels) if p and not storage.is_url(p)])
     cfg = JobConfig(src=str(src), out=str(out),
                     process=dataclasses.replace(make_process_config(
                         size, filter_, quality, clahe_clip, clahe_tiles, max_megapixels,
@@ -851,7 +875,9 @@ def evaluate(run, data, split, checkpoint, min_quality):
               help="A photo or a folder of photos (repeatable).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default="preds.csv",
               show_default=True, help="CSV: grade, per-grade and referable probabilities, "
-                                      "rejected photos with their reasons.")
+                                      "rejected photos with their reasons (an existing file "
+                                      "only if it is an earlier drpipe predictions CSV; else "
+                                      "exit 2).")
 @click.option("--checkpoint", type=click.Choice(["final", "best"]), default="final",
               show_default=True)
 @click.option("--exported", type=click.Path(exists=True, path_type=Path), default=None,
@@ -871,8 +897,11 @@ def predict(run, sources, out, checkpoint, exported):
 
     from training.ensemble import EnsembleError
     from training.fit import TrainError, load_config, model_path
+    from training.predict import PRED_HEADER
     from training.runs import RunError, recorded_identity
 
+    _check_replaceable(out, "--out", "a drpipe predictions CSV",  # before any model loads
+                       outputs.csv_header_is(PRED_HEADER), sources)
     ensemble = (run / "ensemble.json").exists()
     members = [run]
     if ensemble:
@@ -922,8 +951,10 @@ def predict(run, sources, out, checkpoint, exported):
 @click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True,
-              help="A .png (or .jpg) file for one photo, else a directory "
-                   "({id}_gradcam.png each; photos sharing a name get {id}~2_gradcam.png).")
+              help="A new .png (or .jpg) file for one photo (an existing file is never "
+                   "replaced: exit 2), else a directory ({id}_gradcam.png each; photos "
+                   "sharing a name, or a name taken by a file explain did not write, get "
+                   "{id}~2_gradcam.png).")
 @click.option("--class", "class_index", type=click.IntRange(0, 4), default=None,
               help="Grade to explain [default: the predicted one].")
 def explain(run, images, out, class_index):
@@ -938,6 +969,9 @@ def explain(run, images, out, class_index):
 
     if not (run / "model.keras").exists():
         raise DrpipeError(f"{run}: no model.keras (is the run finished?)")
+    if out.suffix.lower() in (".png", ".jpg", ".jpeg") and os.path.lexists(out):
+        raise RefusedError(f"--out {out} exists; explain never replaces a file (move it away, "
+                           "or give a folder: the next free name is used there)")
     try:
         plan_targets(expand_photo_paths(images), out)  # before the model loads
         results = explain_photos(run, images, out, class_index)
@@ -966,7 +1000,8 @@ def explain(run, images, out, class_index):
 @click.option("--checkpoint", type=click.Choice(["final", "best"]), default="final",
               show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Directory for ensemble.json and the confusion matrix "
+              help="Directory for ensemble.json and the confusion matrix: new, empty or an "
+                   "earlier ensemble output (else exit 2) "
                    "[default: runs/ensemble-METHOD-<timestamp>].")
 def ensemble(runs, method, data, split, val_split, checkpoint, out):
     """Combine trained grade models (RUNS) and score the combination beside each member,
@@ -979,6 +1014,7 @@ def ensemble(runs, method, data, split, val_split, checkpoint, out):
     from training.ensemble import ensemble as run_ensemble
 
     out = out or Path("runs") / f"ensemble-{method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    _check_folder(out, "--out", "an earlier ensemble output", "ensemble.json")
     try:
         r = run_ensemble(list(runs), method, data, split, val_split, checkpoint, out,
                          log=click.echo)
@@ -1055,7 +1091,8 @@ def export(run, fmt, quantize, out, checkpoint, threads):
                    "that hold commas separated by ';': --grid 'head=16;32,16'.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Tuning directory [default: runs/tune-<timestamp>]; repeat the command with "
-                   "the same --out to continue an interrupted tuning.")
+                   "the same --out to continue an interrupted tuning. A non-empty folder "
+                   "that is not a tuning directory (no tune.json) is refused (exit 2).")
 @click.argument("train_args", nargs=-1, type=click.UNPROCESSED)
 def tune(data, lrs, batch_sizes, grids, out, train_args):
     """A grid over learning rate x batch size (Zhong & Cao) or any drpipe train options:
@@ -1076,6 +1113,8 @@ def tune(data, lrs, batch_sizes, grids, out, train_args):
     from training.tune import TuneError, check_manifest, parse_grid, plan
     from training.tune import tune as run_tune
 
+    if out is not None:  # before anything else: its files are not drpipe's to replace
+        _check_folder(out, "--out", "a tuning directory", "tune.json")
     items = []
     if lrs.strip():
         items.append(f"lr={lrs}")
@@ -1136,7 +1175,8 @@ def tune(data, lrs, batch_sizes, grids, out, train_args):
               type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="A training run to include (repeatable).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default="report.html",
-              show_default=True)
+              show_default=True, help="The page; an existing file only if it is an earlier "
+                                      "drpipe report (else exit 2).")
 @click.option("--examples", type=click.IntRange(0, 64), default=8, show_default=True,
               help="Processed example photos per grade.")
 def report(data, runs, out, examples):
@@ -1145,6 +1185,8 @@ def report(data, runs, out, examples):
     confusion matrix, kappa and per-grade scores. Opens offline; nothing to fetch."""
     from drpipe.report import ReportError, build, write
 
+    _check_replaceable(out, "--out", "a drpipe report", outputs.text_starts_with(
+        "<title>drpipe report"), [*runs, data] if data else runs)
     if data is None:
         data = Path("shards")
         if runs:

@@ -199,8 +199,10 @@ class _Lock:
     def __init__(self, out: Path):
         self.path = out / LOCK_FILE
         self.f = None
+        self.created = False
 
     def __enter__(self):
+        self.created = not os.path.lexists(self.path)
         self.f = open(self.path, "a+")
         try:
             fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -217,6 +219,9 @@ class _Lock:
         return self
 
     def __exit__(self, *exc):
+        # A folder this run refused (or never began: no state file) keeps no lock of ours.
+        if self.created and not (self.path.parent / STATE_FILE).exists():
+            self.path.unlink(missing_ok=True)
         fcntl.flock(self.f, fcntl.LOCK_UN)
         self.f.close()
 
@@ -262,13 +267,12 @@ def _prepare_out(out: Path, state: dict, overwrite: bool) -> bool:
                            "replace it, or choose another --out")
         _clear(out, recorded)
     else:
-        foreign = [p.name for p in out.iterdir() if p.name not in OWN_FILES
-                   and not p.name.endswith(TMP_SUFFIX) and p.name not in recorded]
-        if foreign and not overwrite:
+        # No state file: not a drpipe output, whatever its files are named (only the lock
+        # this run just took is ours); --overwrite never clears such a folder.
+        foreign = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)
+        if foreign:
             raise JobError(f"{out} is not empty and not a drpipe output ({foreign[0]}, ...); "
                            "choose an empty --out")
-        if overwrite:
-            _clear(out, recorded)
     state["shards"] = {}
     atomic_write_bytes(state_path, json.dumps(state, indent=2, sort_keys=True).encode())
     return False
@@ -346,6 +350,8 @@ def _recorded_shards(out: Path, old_state: dict) -> set[str]:
 
 
 def _clear(out: Path, recorded: set[str]) -> None:
+    if not (out / STATE_FILE).is_file():  # never a folder no drpipe run recorded as its own
+        return
     for p in out.iterdir():
         if p.name == LOCK_FILE:
             continue
@@ -406,13 +412,25 @@ def _start_client(opts: RunOptions):
     # whole process group, and only this process should answer it (one line, exit 130).
     import signal
 
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # SIGINT is blocked here, not ignored (an ignored one would be lost): a Ctrl-C while the
+    # cluster starts is held and raised as KeyboardInterrupt once it is up (then closed);
+    # each worker ignores SIGINT once started (pipeline/worker_signals.py).
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                               dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR)
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    return Client(cluster), cluster
+                               dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR,
+                               preload=["pipeline.worker_signals"])
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        raise
+    try:
+        client = Client(cluster)
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a held Ctrl-C is raised here
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        cluster.close()
+        raise
+    return client, cluster
 
 
 def _batches(photos) -> list[list[dict]]:

@@ -116,3 +116,76 @@ def foreign_names(out: Path, record: str) -> tuple[str, ...]:
         return ()
     own = recorded(out, record)
     return tuple(p.name for p in out.iterdir() if p.name not in own and p.name != record)
+
+
+# ------------------------------------------- an output that may replace an earlier one of its kind
+
+
+def may_replace(target: Path, is_own) -> bool:
+    """True if ``target`` does not exist, or is recognisably drpipe's own output of this
+    kind: a plain file (not a link) for which ``is_own(target)`` holds. Unreadable or
+    malformed is not ours."""
+    target = Path(target)
+    if not os.path.lexists(target):
+        return True
+    if target.is_symlink() or not target.is_file():
+        return False
+    try:
+        return bool(is_own(target))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+
+
+def check_replaceable(target: Path, what: str, kind: str, is_own, inputs=()) -> None:
+    """Refuse (OutputRefused) ``target`` if it is one of ``inputs`` or exists and is not
+    ``kind`` (as ``is_own`` recognises it)."""
+    target = Path(target)
+    real = os.path.realpath(target)
+    for s in inputs:
+        if s is not None and os.path.realpath(s) == real:
+            raise OutputRefused(f"{what} {target} is an input of this command; choose "
+                                f"another {what}")
+    if not may_replace(target, is_own):
+        raise OutputRefused(f"{what} {target} exists and is not {kind}; drpipe never "
+                            f"replaces it (move it away or choose another {what})")
+
+
+def check_folder(out: Path, what: str, kind: str, marker: str) -> None:
+    """Refuse an ``out`` folder that exists, is not empty, and does not hold ``marker``
+    (the file an earlier run of the command wrote there): its files could be replaced."""
+    out = Path(out)
+    if not os.path.lexists(out):
+        return
+    if out.is_symlink() or not out.is_dir():
+        raise OutputRefused(f"{what} {out} exists and is not a folder; choose another {what}")
+    if any(out.iterdir()) and not (out / marker).is_file():
+        raise OutputRefused(f"{what} {out} is not empty and not {kind} (no {marker}); "
+                            f"drpipe never writes into it (choose a new or empty {what})")
+
+
+def json_has_keys(keys):
+    """``is_own`` for a JSON object holding all of ``keys``."""
+    import json
+
+    def check(path: Path) -> bool:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        return isinstance(data, dict) and set(keys) <= set(data)
+    return check
+
+
+def csv_header_is(header):
+    """``is_own`` for a CSV whose first row is ``header``."""
+    import csv
+
+    def check(path: Path) -> bool:
+        with open(path, newline="", encoding="utf-8") as f:
+            return next(csv.reader(f), None) == list(header)
+    return check
+
+
+def text_starts_with(prefix: str, within: int = 4096):
+    """``is_own`` for a text file with ``prefix`` in its first ``within`` characters."""
+    def check(path: Path) -> bool:
+        with open(path, encoding="utf-8") as f:
+            return prefix in f.read(within)
+    return check

@@ -70,6 +70,11 @@ def check_target(out: Path) -> None:
         raise ExportTargetRefused(
             f"{out} exists and is not an earlier drpipe export; export never replaces it "
             "(choose a new --out)")
+    sidecar = _sidecar(out)  # written beside OUT: a file of that name must be ours too
+    if os.path.lexists(sidecar) and not is_previous_export(out):
+        raise ExportTargetRefused(
+            f"{sidecar} exists and is not the record of an earlier drpipe export of {out.name}; "
+            "export never replaces it (move it away or choose a new --out)")
 
 
 @dataclass

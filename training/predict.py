@@ -117,14 +117,17 @@ def _prediction(path: Path, y: np.ndarray, task: str, thresholds, apply_threshol
     return Prediction(path.stem, str(path), "ok", "", grade, None, None, float(y[0]))
 
 
+PRED_HEADER = ["image_id", "path", "status", "reason", "grade", "p_grade0", "p_grade1",
+               "p_grade2", "p_grade3", "p_grade4", "p_referable", "score"]
+
+
 def write_csv(preds: list[Prediction], path: str | Path) -> None:
     """Text cells that a spreadsheet would run as formulas get a leading ' (OWASP)."""
     from pipeline.outputs import csv_cell
 
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f, lineterminator="\n")
-        w.writerow(["image_id", "path", "status", "reason", "grade", "p_grade0", "p_grade1",
-                    "p_grade2", "p_grade3", "p_grade4", "p_referable", "score"])
+        w.writerow(PRED_HEADER)
         for p in preds:
             probs = [f"{v:.6f}" for v in p.probabilities] if p.probabilities else [""] * 5
             w.writerow([csv_cell(p.image_id), csv_cell(str(p.path)), p.status,
