@@ -5,7 +5,10 @@
 The 31 EyePACS sample photos are linked (symlinks in a temporary directory, never copied)
 under ``--copies`` sets of new patient ids, so the job has enough photos to measure. Each
 round runs ``drpipe preprocess`` (the real CLI, a fresh --out) with 1 and with 2 workers,
-alternating. Reported: photos/s of the processing phase (median of rounds) and of the
+and the bare per-photo loop in this process (read, SHA-256, process; one thread), in a
+rotating order; photos/s of the processing phase excludes the cluster's start-up, which
+the summary reports apart (``timings.cluster_start_s``).
+Reported: photos/s of the processing phase (median of rounds) and of the
 whole command (with the local Dask cluster's start-up), scaling efficiency, peak RSS of a
 worker process, bytes per photo in the shards against the original files, and a
 projection for the 88,702-photo Kaggle set.
@@ -48,8 +51,10 @@ def make_source(sample: Path, copies: int, dest: Path) -> int:
 
 def run_job(src: Path, out: Path, workers: int) -> dict:
     t = time.perf_counter()
+    # --follow-links: the photos are symlinks to the sample, outside --src.
     r = subprocess.run([DRPIPE, "preprocess", "--quiet", "--src", str(src), "--out", str(out),
-                        "--workers", str(workers), "--summary-json", str(out) + ".json"],
+                        "--workers", str(workers), "--follow-links",
+                        "--summary-json", str(out) + ".json"],
                        capture_output=True, text=True)
     wall = time.perf_counter() - t
     if r.returncode:
@@ -57,6 +62,26 @@ def run_job(src: Path, out: Path, workers: int) -> dict:
     s = json.loads(Path(str(out) + ".json").read_text())
     s["wall_s"] = wall
     return s
+
+
+def run_bare(src: Path) -> float:
+    """photos/s of the bare per-photo pipeline in this process, one thread: what a worker
+    does per photo (read, SHA-256, process) without Dask, staging or shards."""
+    import hashlib
+
+    import cv2
+
+    from pipeline.process import ProcessConfig, process, read_photo
+
+    cv2.setNumThreads(1)
+    paths = sorted((src / "train").iterdir())
+    cfg = ProcessConfig()
+    t = time.perf_counter()
+    for p in paths:
+        data = read_photo(p)
+        hashlib.sha256(data).hexdigest()
+        process(data, cfg)
+    return len(paths) / (time.perf_counter() - t)
 
 
 def main() -> None:
@@ -73,13 +98,22 @@ def main() -> None:
         raw_bytes = sum((tmp / "raw/train" / p).stat().st_size
                         for p in os.listdir(tmp / "raw/train"))
         runs: dict[int, list[dict]] = {1: [], 2: []}
+        bare: list[float] = []
+        ratios: list[float] = []
+        sys.path.insert(0, str(ROOT))
         for r in range(args.rounds):
-            for w in ((1, 2) if r % 2 == 0 else (2, 1)):
+            order = [(0, 1, 2), (1, 2, 0), (2, 0, 1)][r % 3]
+            for w in order:
+                if w == 0:
+                    bare.append(run_bare(tmp / "raw"))
+                    print(f"round {r + 1}, bare loop: {bare[-1]:.1f} photos/s", file=sys.stderr)
+                    continue
                 s = run_job(tmp / "raw", tmp / f"out-{w}-{r}", w)
                 runs[w].append(s)
                 print(f"round {r + 1}, {w} worker(s): {s['photos_per_s']:.1f} photos/s "
                       f"processing, {n / s['wall_s']:.1f} photos/s whole command, "
                       f"peak worker RSS {s['peak_worker_rss_mb']:.0f} MB", file=sys.stderr)
+            ratios.append(runs[1][-1]["photos_per_s"] / bare[-1])
         pps = {w: statistics.median(s["photos_per_s"] for s in v) for w, v in runs.items()}
         wall = {w: statistics.median(n / s["wall_s"] for s in v) for w, v in runs.items()}
         last = runs[2][-1]
@@ -93,6 +127,11 @@ def main() -> None:
             "processing_photos_per_s": {f"{w}_workers": round(v, 1) for w, v in pps.items()},
             "whole_command_photos_per_s": {f"{w}_workers": round(v, 1) for w, v in wall.items()},
             "scaling_efficiency_2_workers": round(efficiency, 3),
+            "bare_loop_photos_per_s": round(statistics.median(bare), 1),
+            "one_worker_over_bare_per_round": [round(x, 3) for x in ratios],
+            "one_worker_over_bare_median": round(statistics.median(ratios), 3),
+            "cluster_start_s": round(statistics.median(
+                s["timings"].get("cluster_start_s", 0) for v in runs.values() for s in v), 2),
             "peak_worker_rss_mb": max(s["peak_worker_rss_mb"] for v in runs.values()
                                       for s in v),
             "raw_bytes_per_photo": round(raw_bytes / n),
