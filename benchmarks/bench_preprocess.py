@@ -52,21 +52,46 @@ def make_source(sample: Path, copies: int, dest: Path) -> int:
 def run_job(src: Path, out: Path, workers: int) -> dict:
     t = time.perf_counter()
     # --follow-links: the photos are symlinks to the sample, outside --src.
-    r = subprocess.run([DRPIPE, "preprocess", "--quiet", "--src", str(src), "--out", str(out),
-                        "--workers", str(workers), "--follow-links",
-                        "--summary-json", str(out) + ".json"],
-                       capture_output=True, text=True)
+    proc = subprocess.Popen([DRPIPE, "preprocess", "--quiet", "--src", str(src), "--out",
+                             str(out), "--workers", str(workers), "--follow-links",
+                             "--summary-json", str(out) + ".json"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    cpu = _cpu_times(proc)
     wall = time.perf_counter() - t
-    if r.returncode:
-        raise SystemExit(f"drpipe failed: {r.stderr}")
+    if proc.returncode:
+        raise SystemExit(f"drpipe failed: {proc.stderr.read()}")
     s = json.loads(Path(str(out) + ".json").read_text())
     s["wall_s"] = wall
+    s["client_cpu_s"] = cpu.pop(proc.pid, 0.0)
+    s["worker_cpu_s"] = cpu  # per descendant process (workers, nanny helpers)
     return s
 
 
-def run_bare(src: Path) -> float:
-    """photos/s of the bare per-photo pipeline in this process, one thread: what a worker
-    does per photo (read, SHA-256, process) without Dask, staging or shards."""
+def _cpu_times(proc) -> dict[int, float]:
+    """CPU seconds (user + system) of ``proc`` and each of its descendants, last seen before
+    each exits: on a shared machine CPU time per photo is what contention does not inflate."""
+    import psutil
+
+    root, seen = psutil.Process(proc.pid), {}
+    while proc.poll() is None:
+        try:
+            for q in [root, *root.children(recursive=True)]:
+                try:
+                    c = q.cpu_times()
+                    seen[q.pid] = c.user + c.system
+                except psutil.Error:
+                    pass
+        except psutil.Error:
+            pass
+        time.sleep(0.1)
+    proc.wait()
+    return seen
+
+
+def run_bare(src: Path) -> tuple[float, float]:
+    """(photos/s, CPU s per photo) of the bare per-photo pipeline in this process, one
+    thread: what a worker does per photo (read, SHA-256, process) without Dask, staging or
+    shards."""
     import hashlib
 
     import cv2
@@ -76,12 +101,12 @@ def run_bare(src: Path) -> float:
     cv2.setNumThreads(1)
     paths = sorted((src / "train").iterdir())
     cfg = ProcessConfig()
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     for p in paths:
         data = read_photo(p)
         hashlib.sha256(data).hexdigest()
         process(data, cfg)
-    return len(paths) / (time.perf_counter() - t)
+    return len(paths) / (time.perf_counter() - t), (time.process_time() - c) / len(paths)
 
 
 def main() -> None:
@@ -99,21 +124,32 @@ def main() -> None:
                         for p in os.listdir(tmp / "raw/train"))
         runs: dict[int, list[dict]] = {1: [], 2: []}
         bare: list[float] = []
+        bare_cpu: list[float] = []
         ratios: list[float] = []
+        cpu_ratios: list[float] = []
         sys.path.insert(0, str(ROOT))
         for r in range(args.rounds):
             order = [(0, 1, 2), (1, 2, 0), (2, 0, 1)][r % 3]
             for w in order:
                 if w == 0:
-                    bare.append(run_bare(tmp / "raw"))
-                    print(f"round {r + 1}, bare loop: {bare[-1]:.1f} photos/s", file=sys.stderr)
+                    rate, cpu = run_bare(tmp / "raw")
+                    bare.append(rate)
+                    bare_cpu.append(cpu)
+                    print(f"round {r + 1}, bare loop: {rate:.1f} photos/s, {cpu * 1e3:.1f} ms "
+                          "CPU per photo", file=sys.stderr)
                     continue
                 s = run_job(tmp / "raw", tmp / f"out-{w}-{r}", w)
                 runs[w].append(s)
+                s["worker_cpu_ms_per_photo"] = sum(s["worker_cpu_s"].values()) / n * 1e3
+                s["client_cpu_ms_per_photo"] = s["client_cpu_s"] / n * 1e3
+                print(f"  CPU per photo: workers {s['worker_cpu_ms_per_photo']:.1f} ms "
+                      f"(start-up and imports included), client "
+                      f"{s['client_cpu_ms_per_photo']:.1f} ms", file=sys.stderr)
                 print(f"round {r + 1}, {w} worker(s): {s['photos_per_s']:.1f} photos/s "
                       f"processing, {n / s['wall_s']:.1f} photos/s whole command, "
                       f"peak worker RSS {s['peak_worker_rss_mb']:.0f} MB", file=sys.stderr)
             ratios.append(runs[1][-1]["photos_per_s"] / bare[-1])
+            cpu_ratios.append(bare_cpu[-1] * 1e3 / runs[1][-1]["worker_cpu_ms_per_photo"])
         pps = {w: statistics.median(s["photos_per_s"] for s in v) for w, v in runs.items()}
         wall = {w: statistics.median(n / s["wall_s"] for s in v) for w, v in runs.items()}
         last = runs[2][-1]
@@ -130,6 +166,12 @@ def main() -> None:
             "bare_loop_photos_per_s": round(statistics.median(bare), 1),
             "one_worker_over_bare_per_round": [round(x, 3) for x in ratios],
             "one_worker_over_bare_median": round(statistics.median(ratios), 3),
+            "bare_cpu_ms_per_photo": round(statistics.median(bare_cpu) * 1e3, 2),
+            "one_worker_cpu_ms_per_photo": round(statistics.median(
+                s["worker_cpu_ms_per_photo"] for s in runs[1]), 2),
+            "client_cpu_ms_per_photo_1_worker": round(statistics.median(
+                s["client_cpu_ms_per_photo"] for s in runs[1]), 2),
+            "bare_cpu_over_one_worker_cpu_per_round": [round(x, 3) for x in cpu_ratios],
             "cluster_start_s": round(statistics.median(
                 s["timings"].get("cluster_start_s", 0) for v in runs.values() for s in v), 2),
             "peak_worker_rss_mb": max(s["peak_worker_rss_mb"] for v in runs.values()
