@@ -30,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DRPIPE = str(Path(sys.executable).parent / "drpipe")
 KAGGLE_PHOTOS = 88_702
+SMALL = 32  # photos of the job whose worker CPU time is the fixed cost
 
 
 def make_source(sample: Path, copies: int, dest: Path) -> int:
@@ -49,12 +50,13 @@ def make_source(sample: Path, copies: int, dest: Path) -> int:
     return len(rows)
 
 
-def run_job(src: Path, out: Path, workers: int) -> dict:
+def run_job(src: Path, out: Path, workers: int, limit: int | None = None) -> dict:
     t = time.perf_counter()
     # --follow-links: the photos are symlinks to the sample, outside --src.
     proc = subprocess.Popen([DRPIPE, "preprocess", "--quiet", "--src", str(src), "--out",
                              str(out), "--workers", str(workers), "--follow-links",
-                             "--summary-json", str(out) + ".json"],
+                             "--summary-json", str(out) + ".json",
+                             *(["--limit", str(limit)] if limit else [])],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     cpu = _cpu_times(proc)
     wall = time.perf_counter() - t
@@ -88,10 +90,11 @@ def _cpu_times(proc) -> dict[int, float]:
     return seen
 
 
-def run_bare(src: Path) -> tuple[float, float]:
+def run_bare(src: Path, with_io: bool = False) -> tuple[float, float]:
     """(photos/s, CPU s per photo) of the bare per-photo pipeline in this process, one
-    thread: what a worker does per photo (read, SHA-256, process) without Dask, staging or
-    shards."""
+    thread: ``process(bytes)`` on photos read into memory first (as bench_ops), or with
+    ``with_io`` what a worker does per photo (read, SHA-256, process) without Dask, staging
+    or shards."""
     import hashlib
 
     import cv2
@@ -101,10 +104,15 @@ def run_bare(src: Path) -> tuple[float, float]:
     cv2.setNumThreads(1)
     paths = sorted((src / "train").iterdir())
     cfg = ProcessConfig()
+    if not with_io:
+        photos = [p.read_bytes() for p in paths]
     t, c = time.perf_counter(), time.process_time()
-    for p in paths:
-        data = read_photo(p)
-        hashlib.sha256(data).hexdigest()
+    for k, p in enumerate(paths):
+        if with_io:
+            data = read_photo(p)
+            hashlib.sha256(data).hexdigest()
+        else:
+            data = photos[k]
         process(data, cfg)
     return len(paths) / (time.perf_counter() - t), (time.process_time() - c) / len(paths)
 
@@ -127,6 +135,7 @@ def main() -> None:
         bare_cpu: list[float] = []
         ratios: list[float] = []
         cpu_ratios: list[float] = []
+        marginal: list[float] = []
         sys.path.insert(0, str(ROOT))
         for r in range(args.rounds):
             order = [(0, 1, 2), (1, 2, 0), (2, 0, 1)][r % 3]
@@ -149,7 +158,16 @@ def main() -> None:
                       f"processing, {n / s['wall_s']:.1f} photos/s whole command, "
                       f"peak worker RSS {s['peak_worker_rss_mb']:.0f} MB", file=sys.stderr)
             ratios.append(runs[1][-1]["photos_per_s"] / bare[-1])
-            cpu_ratios.append(bare_cpu[-1] * 1e3 / runs[1][-1]["worker_cpu_ms_per_photo"])
+            # The workers' CPU time per photo less the fixed cost (process start, imports,
+            # cluster): the difference to a SMALL-photo job of the same kind.
+            small = run_job(tmp / "raw", tmp / f"out-small-{r}", 1, limit=SMALL)
+            fixed = sum(small["worker_cpu_s"].values())
+            full = sum(runs[1][-1]["worker_cpu_s"].values())
+            marginal.append((full - fixed) / (n - SMALL))
+            cpu_ratios.append(bare_cpu[-1] / marginal[-1])
+            print(f"  worker CPU per photo beyond a {SMALL}-photo job: "
+                  f"{marginal[-1] * 1e3:.1f} ms (bare {bare_cpu[-1] * 1e3:.1f} ms)",
+                  file=sys.stderr)
         pps = {w: statistics.median(s["photos_per_s"] for s in v) for w, v in runs.items()}
         wall = {w: statistics.median(n / s["wall_s"] for s in v) for w, v in runs.items()}
         last = runs[2][-1]
@@ -171,7 +189,9 @@ def main() -> None:
                 s["worker_cpu_ms_per_photo"] for s in runs[1]), 2),
             "client_cpu_ms_per_photo_1_worker": round(statistics.median(
                 s["client_cpu_ms_per_photo"] for s in runs[1]), 2),
-            "bare_cpu_over_one_worker_cpu_per_round": [round(x, 3) for x in cpu_ratios],
+            "one_worker_marginal_cpu_ms_per_photo": round(statistics.median(marginal) * 1e3, 2),
+            "bare_cpu_over_worker_marginal_cpu_per_round": [round(x, 3) for x in cpu_ratios],
+            "bare_cpu_over_worker_marginal_cpu_median": round(statistics.median(cpu_ratios), 3),
             "cluster_start_s": round(statistics.median(
                 s["timings"].get("cluster_start_s", 0) for v in runs.values() for s in v), 2),
             "peak_worker_rss_mb": max(s["peak_worker_rss_mb"] for v in runs.values()
