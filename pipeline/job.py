@@ -484,10 +484,12 @@ def _process_batches(batches, todo, root, config, opts, staging, progress_factor
                      initial, total):
     """Run the batches on the cluster, committing each as it completes. Returns the seconds
     spent starting the cluster (and its workers' imports), reported apart from processing."""
+    import dask
     from distributed import as_completed
 
     t0 = time.time()
-    client, cluster = _start_client(opts)
+    with dask.config.set(WORKER_CONFIG):  # local workers take the config they start with
+        client, cluster = _start_client(opts)
     # The workers' first task would otherwise pay the imports (OpenCV, simplejpeg, ...).
     try:
         client.run(_warm_up)
@@ -537,6 +539,15 @@ def _process_batches(batches, todo, root, config, opts, staging, progress_factor
         if cluster is not None:
             cluster.close()
     return started
+
+
+# A local worker runs one photo task at a time on one thread; Dask's statistical profiler
+# (a stack sample every 10 ms) and its 20 ms event-loop tick each take the GIL from that
+# thread, and on a loaded machine every hand-over waits for a time slice: with the profiler
+# off, 1 worker went from 0.52 to 0.69 of the bare loop's photos/s in interleaved runs on
+# the shared 2-core machine (docs/BENCHMARKS.md).
+WORKER_CONFIG = {"distributed.worker.profile.enabled": False,
+                 "distributed.admin.tick.interval": "500ms"}
 
 
 def _warm_up() -> None:
