@@ -488,6 +488,7 @@ def _process_batches(batches, todo, root, config, opts, staging, progress_factor
     from distributed import as_completed
 
     t0 = time.time()
+    # distributed is imported (its defaults loaded) before the set, which restores them after.
     with dask.config.set(WORKER_CONFIG):  # local workers take the config they start with
         client, cluster = _start_client(opts)
     # The workers' first task would otherwise pay the imports (OpenCV, simplejpeg, ...).
