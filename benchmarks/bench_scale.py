@@ -1,12 +1,13 @@
-"""The full-size Kaggle job as a benchmark: 88,702 ids through the real ``drpipe preprocess``.
+"""The full-size Kaggle job as a benchmark: ~88,700 ids through the real ``drpipe preprocess``.
 
     python benchmarks/bench_scale.py [--fraction 0.1] [--size 64] [--workers 1,2]
 
-Builds a Kaggle layout in a temporary directory: ``train/`` with the 35,126 ids of
-``../shared/data/eyepacs-labels/trainLabels.csv`` and ``test/`` with 53,576 generated test
-names (patients numbered after the last train patient, a ``retinopathy_solution.csv`` with
-Usage Public/Private), every id a symlink to one of the 31 real sample photos (round robin;
-never copied). ``--fraction`` (or ``--ids``) takes the first part of both lists, so a run
+Builds a Kaggle layout in a temporary directory: ``train/`` with the ids of
+``../shared/data/eyepacs-labels/trainLabels.csv`` (35,125 rows; Kaggle has 35,126 photos)
+and ``test/`` with 53,576 generated test names (patients numbered after the last train
+patient, a ``retinopathy_solution.csv`` with Usage Public/Private): 88,701 ids, every one a
+symlink to one of the 31 real sample photos (round robin; never copied).
+``--fraction`` (or ``--ids``) takes the first part of both lists, so a run
 fits the time at hand. For each worker count the real CLI runs on a fresh ``--out``
 (``--follow-links``: the links lead outside ``--src``), and a sampler polls every 0.25 s:
 
@@ -140,8 +141,9 @@ def run_job(src: Path, out: Path, workers: int, size: int, n: int) -> dict:
         "client_rss_mb_at": {k: round(v / mb) for k, v in sampler.client_at.items()},
         "peak_worker_rss_mb": round(sampler.worker_peak / mb),
         "peak_worker_rss_mb_reported": s["peak_worker_rss_mb"],
-        "peak_disk_mb": round(sampler.disk_peak / mb),
-        "final_disk_mb": round(sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / mb),
+        "peak_disk_mb": round(sampler.disk_peak / mb, 1),
+        "final_disk_mb": round(sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / mb,
+                               1),
     }
 
 
