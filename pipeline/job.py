@@ -542,13 +542,18 @@ def _process_batches(batches, todo, root, config, opts, staging, progress_factor
     return started
 
 
-# A local worker runs one photo task at a time on one thread; Dask's statistical profiler
-# (a stack sample every 10 ms) and its 20 ms event-loop tick each take the GIL from that
-# thread, and on a loaded machine every hand-over waits for a time slice: with the profiler
-# off, 1 worker went from 0.52 to 0.69 of the bare loop's photos/s in interleaved runs on
-# the shared 2-core machine (docs/BENCHMARKS.md).
+# A local worker runs one photo task at a time on one thread.
+# - Dask starts workers with MALLOC_TRIM_THRESHOLD_=65536, which also pins glibc's mmap
+#   threshold at 128 KB: every decoded photo, crop and file read (MBs each) is then a fresh
+#   mmap, zero-filled page by page — 7.6x the page faults and 26 -> 35 ms CPU per photo
+#   (docs/BENCHMARKS.md). A 32 MiB mmap threshold (glibc's own dynamic maximum) lets those
+#   buffers be reused from the heap; the trim threshold still hands freed memory back.
+# - Dask's statistical profiler (a stack sample every 10 ms) and its 20 ms event-loop tick
+#   take the GIL from the task thread; on a loaded machine every hand-over waits for a time
+#   slice (1 worker: 0.52 -> 0.69 of the bare loop with the profiler off, interleaved runs).
 WORKER_CONFIG = {"distributed.worker.profile.enabled": False,
-                 "distributed.admin.tick.interval": "500ms"}
+                 "distributed.admin.tick.interval": "500ms",
+                 "distributed.nanny.pre-spawn-environ.MALLOC_MMAP_THRESHOLD_": 32 * 2**20}
 
 
 def _warm_up() -> None:
