@@ -521,9 +521,11 @@ def _run(config: JobConfig, opts: RunOptions, progress_factory) -> dict:
                 if not (staging / f"batch-{k:06d}.json").exists()]
         done_photos = sum(len(batches[k]) for k in range(len(batches)) if k not in set(todo))
         t_process = time.time()
+        cluster_s = 0.0  # starting the local Dask cluster: a fixed cost, not per photo
         if todo:
-            _process_batches(batches, todo, source.reader or source.root, config, opts, staging,
-                             progress_factory, done_photos, len(photos))
+            cluster_s = _process_batches(batches, todo, source.reader or source.root, config,
+                                         opts, staging, progress_factory, done_photos,
+                                         len(photos))
         t_shards = time.time()
 
         rows, peak_rss, tf_loaded = [], 0.0, False
@@ -551,7 +553,8 @@ def _run(config: JobConfig, opts: RunOptions, progress_factory) -> dict:
         summary = _summary(rows, shards, config, len(photos), len(missing), peak_rss,
                            tf_loaded, timings={"total_s": t_end - t0,
                                                "setup_s": t_process - t0,
-                                               "process_s": t_shards - t_process,
+                                               "cluster_start_s": cluster_s,
+                                               "process_s": t_shards - t_process - cluster_s,
                                                "shards_and_manifest_s": t_end - t_shards},
                            processed_now=sum(len(batches[k]) for k in todo))
         info = {"name": "drpipe", "drpipe_version": _version(),
@@ -570,9 +573,21 @@ def _run(config: JobConfig, opts: RunOptions, progress_factory) -> dict:
 
 def _process_batches(batches, todo, root, config, opts, staging, progress_factory,
                      initial, total):
+    """Run the batches on the cluster, committing each as it completes. Returns the seconds
+    spent starting the cluster (and its workers' imports), reported apart from processing."""
+    import dask
     from distributed import as_completed
 
-    client, cluster = _start_client(opts)
+    t0 = time.time()
+    # distributed is imported (its defaults loaded) before the set, which restores them after.
+    with dask.config.set(WORKER_CONFIG):  # local workers take the config they start with
+        client, cluster = _start_client(opts)
+    # The workers' first task would otherwise pay the imports (OpenCV, simplejpeg, ...).
+    try:
+        client.run(_warm_up)
+    except Exception:  # noqa: BLE001 - only a head start; a task reports a real failure
+        pass
+    started = time.time() - t0
     bar = progress_factory(total, initial) if progress_factory else None
     try:
         window = 2 * max(1, len(client.scheduler_info()["workers"])) + 2
@@ -615,6 +630,26 @@ def _process_batches(batches, todo, root, config, opts, staging, progress_factor
         client.close()
         if cluster is not None:
             cluster.close()
+    return started
+
+
+# A local worker runs one photo task at a time on one thread.
+# - Dask starts workers with MALLOC_TRIM_THRESHOLD_=65536, which also pins glibc's mmap
+#   threshold at 128 KB: every decoded photo, crop and file read (MBs each) is then a fresh
+#   mmap, zero-filled page by page — 7.6x the page faults and 26 -> 35 ms CPU per photo
+#   (docs/BENCHMARKS.md). A 32 MiB mmap threshold (glibc's own dynamic maximum) lets those
+#   buffers be reused from the heap; the trim threshold still hands freed memory back.
+# - Dask's statistical profiler (a stack sample every 10 ms) and its 20 ms event-loop tick
+#   take the GIL from the task thread; on a loaded machine every hand-over waits for a time
+#   slice (1 worker: 0.52 -> 0.69 of the bare loop with the profiler off, interleaved runs).
+WORKER_CONFIG = {"distributed.worker.profile.enabled": False,
+                 "distributed.admin.tick.interval": "500ms",
+                 "distributed.nanny.pre-spawn-environ.MALLOC_MMAP_THRESHOLD_": 32 * 2**20}
+
+
+def _warm_up() -> None:
+    import pipeline.process  # noqa: F401
+    import tfrecord_writer.example  # noqa: F401
 
 
 def _task_root(root, batch):
