@@ -339,6 +339,9 @@ def _read_directory(ps: Parts, cd_offset: int, cd_size: int, n_total: int,
             raise ArchiveError(f"{label}: {name} is on disk {disk}: a spanned multi-disk zip; "
                                "join it with `zip -s 0` first")
         if not name.endswith("/"):
+            if name in members:  # which of the two is the photo is unknown: never guess
+                raise ArchiveError(f"{label}: two members are named {name!r} (an archive "
+                                   "appended to); rebuild it with one member per name")
             members[name] = (offset, csize, usize, method, crc, flags)
         pos = p + n_name + n_extra + n_comment
         count += 1

@@ -348,3 +348,22 @@ def test_missing_part_is_one_line_exit_3_before_any_work(parts, tmp_path):
     assert r.stderr.count("\n") == 1 and parts[-2].name in r.stderr
     assert not list((tmp_path / "out").glob("*.json")) and not list(
         (tmp_path / "out").glob(".drpipe-state*"))  # refused before any work
+
+
+def test_two_members_with_one_name_are_refused(sample_photos, tmp_path):
+    """zipfile lets a name be written twice (the later one wins on extraction): which photo
+    carries the label would be a guess, so the archive is refused, naming the member."""
+    import warnings
+
+    from pipeline.archive import ArchiveError, detect_archive_source
+
+    src = tmp_path / "src"
+    src.mkdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns about the duplicate name
+        with zipfile.ZipFile(src / "train.zip", "w") as z:
+            z.writestr("train/15_left.jpeg", sample_photos[0].read_bytes())
+            z.writestr("train/15_left.jpeg", sample_photos[1].read_bytes())
+    (src / "trainLabels.csv").write_text("image,level\n15_left,0\n")
+    with pytest.raises(ArchiveError, match="two members are named 'train/15_left.jpeg'"):
+        detect_archive_source(str(src))
