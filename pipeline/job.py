@@ -229,16 +229,7 @@ class _Lock:
 def _input_fingerprint(source: Source, photos) -> str:
     h = hashlib.sha256()
     for p in photos:
-        # Archive members, objects in a store: from the index, no stat per photo. Files:
-        # size and mtime, so a photo rewritten in place at the same size is noticed.
-        try:
-            if source.reader is not None:
-                size = source.reader.fingerprint(p.path)
-            else:
-                st = os.stat(source.root / p.path)
-                size = f"{st.st_size}\t{st.st_mtime_ns}"
-        except OSError:
-            size = -1
+        size = source.fingerprint(p.path)
         h.update(f"{p.image_id}\t{p.path}\t{p.label}\t{size}\t{p.ambiguous}\n".encode())
     for r in source.labels_without_photo:
         h.update(f"{r.image_id}\t-\t{r.label}\n".encode())

@@ -73,6 +73,18 @@ class Source:
     labels_without_photo: list[LabelRow] = field(default_factory=list)
     reader: object | None = None  # photos read in place: archive members, objects in a store
 
+    def fingerprint(self, path: str) -> str:
+        """What tells a changed photo from an unchanged one without reading it: a file's
+        size and mtime_ns (a photo rewritten in place at the same size is noticed), an
+        archive member's or a store object's directory entry; "-1" when it cannot be had."""
+        try:
+            if self.reader is not None:
+                return str(self.reader.fingerprint(path))
+            st = os.stat(self.root / path)
+            return f"{st.st_size}:{st.st_mtime_ns}"
+        except OSError:
+            return "-1"
+
 
 def patient_and_eye(image_id: str) -> tuple[str, str]:
     """``"10_left"`` -> ("10", "left"); names without an eye are their own patient."""

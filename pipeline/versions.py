@@ -72,22 +72,10 @@ def resolve(data: str | Path, version: int | None = None) -> Path:
 
 
 def listing(source, photos) -> dict[str, list]:
-    """{image_id: [path, label, size]}: what an incremental run compares. For a file the
-    size is "bytes:mtime_ns", so a photo rewritten in place at the same size counts as
-    replaced (as in the input fingerprint); archive members and store objects give their
-    directory entry (CRC and size, or size and ETag)."""
-    out = {}
-    for p in photos:
-        try:
-            if source.reader is not None:
-                size = source.reader.fingerprint(p.path)
-            else:
-                st = os.stat(source.root / p.path)
-                size = f"{st.st_size}:{st.st_mtime_ns}"
-        except OSError:
-            size = -1
-        out[p.image_id] = [p.path, p.label, size]
-    return out
+    """{image_id: [path, label, fingerprint]}: what an incremental run compares (the
+    fingerprint is Source.fingerprint's, as in the input hash: a photo rewritten in place at
+    the same size counts as replaced)."""
+    return {p.image_id: [p.path, p.label, source.fingerprint(p.path)] for p in photos}
 
 
 def diff(old: dict, new: dict) -> dict[str, list[str]]:
