@@ -545,7 +545,11 @@ def preprocess(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_me
         except JobError as e:
             raise DrpipeError(str(e)) from None
         if summary_json:
-            summary_json.write_text(json.dumps(summary, indent=2) + "\n")
+            try:
+                summary_json.write_text(json.dumps(summary, indent=2) + "\n")
+            except OSError as e:
+                raise DrpipeError(f"cannot write --summary-json {summary_json}: "
+                                  f"{e.strerror or e} (the run itself is complete)") from None
         if not quiet:
             (_print_summary if terminal else _print_short_summary)(summary, out)
         if not summary["ok"]:  # nothing to train on is a failed run, never a silent exit 0
@@ -776,6 +780,9 @@ def train(resume, data_version, **kw):
     from training.runs import RunError
 
     if resume:
+        if data_version is not None:
+            raise click.UsageError("--version applies to a new run; --resume keeps the data "
+                                   "version the run was trained on")
         try:
             cfg = load_config(resume)
         except RunError as e:

@@ -64,8 +64,9 @@ def run_incremental(config, opts, progress_factory, out: Path, source, photos, m
     from pipeline import job
 
     job._refuse_strays(out, old)
-    k = versions.latest_version(out)
-    new_k = k + 1
+    # A run killed after LATEST moved but before its state was cleared finishes that version.
+    new_k = old.get("pending_version") or versions.latest_version(out) + 1
+    k = new_k - 1
     prev_dir = versions.version_dir(out, k)
     prev_rows = versions.read_rows(prev_dir)
     prev_listing = json.loads((prev_dir / versions.LISTING_FILE).read_text())

@@ -220,10 +220,9 @@ def _run_to_store(config, opts, progress_factory, url: str) -> dict:
                 _clear(fs, url, names)
         else:  # without a state file nothing here is known to be drpipe's: even shards
             foreign = sorted(n for n in names if n != LEASE)
-            if foreign and not opts.overwrite:
+            if foreign:  # --overwrite too: it replaces a drpipe output, nothing else
                 raise job.JobError(f"{url} is not empty and not a drpipe output ({foreign[0]}, "
                                    "...); choose an empty --out")
-            _clear(fs, url, names)  # --overwrite: drpipe's names only
         fs.pipe_file(f"{url}/{job.STATE_FILE}", json.dumps(state, indent=2,
                                                            sort_keys=True).encode())
         local = cache_dir() / "out" / _url_key(url)
@@ -350,7 +349,10 @@ def stage_shards(url: str) -> Path:
     sums = {}
     for line in fs.cat_file(f"{url}/{SUMS}").decode().splitlines():
         digest, name = line.split(None, 1)
-        sums[name.strip()] = digest
+        name = name.strip()
+        if "/" in name or "\\" in name or name.startswith(".") or not name.endswith(".tfrecord"):
+            raise _job_error(f"{url}/{SUMS}: {name!r} is not a shard name; not staging it")
+        sums[name] = digest
     for name, digest in sorted(sums.items()):
         p = local / name
         if p.exists() and p.stat().st_size == names.get(name) and _sha256(p) == digest:

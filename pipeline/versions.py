@@ -75,7 +75,12 @@ def listing(source, photos) -> dict[str, list]:
     """{image_id: [path, label, fingerprint]}: what an incremental run compares (the
     fingerprint is Source.fingerprint's, as in the input hash: a photo rewritten in place at
     the same size counts as replaced)."""
-    return {p.image_id: [p.path, p.label, source.fingerprint(p.path)] for p in photos}
+    out: dict[str, list] = {}
+    for p in photos:  # several files of one id: each is listed, the id is ambiguous
+        out.setdefault(p.image_id, []).append([p.path, p.label, source.fingerprint(p.path),
+                                               p.ambiguous])
+    return {i: v[0] if len(v) == 1 else [v[0][0], v[0][1], repr(v), "ambiguous"]
+            for i, v in out.items()}
 
 
 def diff(old: dict, new: dict) -> dict[str, list[str]]:
@@ -86,7 +91,7 @@ def diff(old: dict, new: dict) -> dict[str, list[str]]:
     replaced, relabelled = [], []
     for i in sorted(set(new) & set(old)):
         a, b = old[i], new[i]
-        if a[0] != b[0] or a[2] != b[2]:
+        if a[0] != b[0] or a[2] != b[2] or a[3:] != b[3:]:
             replaced.append(i)
         elif a[1] != b[1]:
             relabelled.append(i)
