@@ -52,13 +52,22 @@ class _QuietLoader(importlib.abc.Loader):
 
 
 class _Finder(importlib.abc.MetaPathFinder):
+    """Wraps tensorflow's loader. It stays installed until the import: a mere
+    ``importlib.util.find_spec("tensorflow")`` (is the training stack installed?) must not
+    use it up, or the real import later would go unsilenced."""
+
+    busy = False
+
     def find_spec(self, name, path=None, target=None):
-        if name != "tensorflow":
+        if name != "tensorflow" or self.busy or "tensorflow" in sys.modules:
             return None
-        sys.meta_path.remove(self)  # once; and let the real finders find it
         from importlib.util import find_spec
 
-        spec = find_spec(name)
+        self.busy = True  # let the real finders find it
+        try:
+            spec = find_spec(name)
+        finally:
+            self.busy = False
         if spec is not None and spec.loader is not None:
             spec.loader = _QuietLoader(spec.loader)
         return spec
@@ -68,7 +77,9 @@ def install() -> None:
     """Hide TensorFlow's native start-up logging in this process (not if DRPIPE_TF_LOGS)."""
     if os.environ.get(ENV, "").strip() not in ("", "0"):
         return
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # read by TF's C++ at import
+    # 3: not even C++ ERROR lines (the CUDA probe's "failed call to cuInit" on a CPU machine,
+    # which also triggers absl's "before InitializeLog" warning); real failures still raise.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # read by TF's C++ at import
     if "tensorflow" not in sys.modules and not any(isinstance(f, _Finder)
                                                    for f in sys.meta_path):
         sys.meta_path.insert(0, _Finder())

@@ -151,7 +151,9 @@ def test_recipe_end_to_end(name, tmp_path):
     elif name == "zhong-cao":
         rows = list(csv.DictReader(open(out / "tune" / "summary.csv")))
         assert len(rows) == 2 and all(row["status"] == "done" for row in rows)
-        cfg = json.loads((Path(rows[0]["run"]) / "config.json").read_text())
+        best = Path(rows[0]["run"])  # as tune printed it: relative to where it ran
+        cfg = json.loads(((best if best.is_absolute() else tmp_path / best)
+                          / "config.json").read_text())
         assert cfg["task"] == "referable" and cfg["model"] == "resnetv2-small"
         assert len(list((out / "gradcam").glob("*"))) >= 1
     elif name == "barh":

@@ -185,7 +185,7 @@ def test_second_concurrent_run_refused_by_the_lease(s3, raw_url, tmp_path):
         {"host": "elsewhere", "pid": 1, "expires": time.time() + 600, "token": "x"}).encode())
     r = subprocess.run([DRPIPE, "preprocess", "--src", raw_url, "--out", url,
                         *map(str, SETTINGS)], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 1 and "host elsewhere, pid 1" in r.stderr
+    assert r.returncode == 75 and "host elsewhere, pid 1" in r.stderr
 
 
 def test_missing_buckets_are_one_line(s3, raw_url, tmp_path):
