@@ -821,9 +821,12 @@ def _resume_config(cfg, resume: Path, kw: dict):
         source = ctx.get_parameter_source(name)
         if source in (None, click.core.ParameterSource.DEFAULT) or name not in recorded:
             continue
-        if name in ("out", "data"):
-            same = value is not None and (Path(value).resolve() == (
-                Path(resume).resolve() if name == "out" else Path(recorded[name]).resolve()))
+        if name == "out":
+            same = value is not None and Path(value).resolve() == Path(resume).resolve()
+        elif name == "data":  # the output itself, or the version folder the run trained on
+            rec = Path(recorded[name]).resolve()
+            output = rec.parent.parent if rec.parent.name == "versions" else rec
+            same = value is not None and Path(value).resolve() in (rec, output)
         else:
             same = value == recorded[name] or (isinstance(value, tuple)
                                                and list(value) == list(recorded[name]))

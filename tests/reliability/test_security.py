@@ -198,8 +198,9 @@ def test_a_huge_file_is_rejected_by_size_before_reading(raw, tmp_path):
     assert time.time() - t < 60
     # the limit is an option: a small one rejects the ordinary photos too
     out2 = tmp_path / "out2"
-    drpipe("preprocess", "--src", raw, "--out", out2, *ARGS, "--max-file-mb", "0.01",
-           check=True)
+    r = drpipe("preprocess", "--src", raw, "--out", out2, *ARGS, "--max-file-mb", "0.01")
+    # nothing usable is a failed run (exit 1), with the reasons in the manifest
+    assert r.returncode == 1 and "too_large" in r.stderr, r.stderr
     assert {r["reason"].split(":")[0] for r in manifest(out2).values()} == {"too_large"}
 
 

@@ -51,12 +51,16 @@ def _copy(base: Path, tmp_path: Path, data: bool = False,
 
 
 def test_config_records_the_shards_identity(base):
+    from tfrecord_writer.info import load_info
+
     cfg = json.loads((base / "run/config.json").read_text())
-    info = json.loads((base / "shards/dataset_info.json").read_text())
     rec = cfg["data_identity"]
+    # the run trained on the output's latest version (pipeline.versions): its folder
+    assert rec["path"] == str((base / "shards/versions/v0001").resolve())
+    info = load_info(rec["path"])
     assert rec["config_hash"] == info["config_hash"] and rec["input_hash"] == info["input_hash"]
     assert rec["process"] == info["config"]["process"] and rec["process"]["size"] == 64
-    assert rec["path"] == str((base / "shards").resolve())
+    assert load_info(base / "shards")["config_hash"] == rec["config_hash"]
 
 
 @pytest.mark.slow
