@@ -92,7 +92,7 @@ def test_report_renders_in_headless_chromium(made, browser, tmp_path):
     attrs = dict(re.findall(r'data-(\w+)="([^"]*)"', body))
     assert int(attrs["images"]) >= 20 and attrs["decoded"] == attrs["images"], attrs
     assert set(attrs["figures"].split()) == {
-        "fig-grades", "fig-rejections", "fig-curves-0", "fig-confusion-0-val",
+        "fig-grades", "fig-rejections", "fig-quality", "fig-curves-0", "fig-confusion-0-val",
         "fig-confusion-0-test"}, attrs
 
     shot = tmp_path / "shot.png"
