@@ -260,13 +260,28 @@ def _prepare_out(out: Path, state: dict, overwrite: bool) -> bool:
     else:
         # No state file: not a drpipe output, whatever its files are named (only the lock
         # this run just took is ours); --overwrite never clears such a folder.
-        foreign = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)
+        # A run skipped on the lock (exit 75) may already have logged its line in
+        # history.jsonl: that file is drpipe's too.
+        foreign = sorted(p.name for p in out.iterdir()
+                         if p.name != LOCK_FILE and not _is_history(p))
         if foreign:
             raise JobError(f"{out} is not empty and not a drpipe output ({foreign[0]}, ...); "
                            "choose an empty --out")
     state["shards"] = {}
     atomic_write_bytes(state_path, json.dumps(state, indent=2, sort_keys=True).encode())
     return False
+
+
+def _is_history(path: Path) -> bool:
+    """True for a ``history.jsonl`` of drpipe's own lines (each a JSON run record)."""
+    if path.name != versions.HISTORY or not path.is_file():
+        return False
+    try:
+        lines = path.read_text().splitlines()
+        return all(isinstance(r := json.loads(line), dict) and "exit_status" in r
+                   for line in lines)
+    except (OSError, ValueError):
+        return False
 
 
 def _refuse_strays(out: Path, old: dict | None) -> set[str]:

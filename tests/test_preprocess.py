@@ -206,6 +206,11 @@ def test_lock_stops_a_second_run(raw, tmp_path):
     assert r.returncode == 75 and "another drpipe run" in r.stderr and "4242" in r.stderr
     history = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
     assert [h["exit_status"] for h in history] == [75]
+    # The skipped run's history line is drpipe's: the run that follows (here, the first
+    # one to hold the lock) is not refused for it (two runs racing on a new --out).
+    preprocess("--src", raw, "--out", tmp_path, "--limit", 4, "--workers", 1)
+    history = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert [h["exit_status"] for h in history] == [75, 0]
 
 
 def test_strict_fails_on_rejections(raw, tmp_path):
