@@ -57,6 +57,9 @@ def listdir(url: str, storage_options: dict | None = None) -> dict[str, int]:
             entries = fs.ls(url, detail=True)
         except FileNotFoundError:
             return {}
+        path = fs._strip_protocol(url).rstrip("/")
+        if [e["name"].rstrip("/") for e in entries] == [path] and entries[0].get("type") == "file":
+            return {}  # ls of an object (one.zip) lists the object itself: no folder
         return {e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0)
                 for e in entries if e.get("type") == "file"}
     try:

@@ -113,6 +113,17 @@ def test_storage_options_stay_out_of_outputs(s3, raw_url, local_run, tmp_path):
     assert SECRET.encode() not in blob and SECRET not in r.stdout + r.stderr
 
 
+def test_one_zip_in_the_store(s3, synth_dir, local_run, tmp_path):
+    """``--src s3://bucket/one.zip``: an object, not a folder; the same bytes as the folder."""
+    with zipfile.ZipFile(tmp_path / "one.zip", "w", zipfile.ZIP_DEFLATED) as z:
+        for p in sorted((synth_dir / "train").iterdir()):
+            z.write(p, "train/" + p.name)
+        z.write(synth_dir / "trainLabels.csv", "trainLabels.csv")
+    s3.put_file(str(tmp_path / "one.zip"), "bkt/zips/one.zip")
+    preprocess("--src", "s3://bkt/zips/one.zip", "--out", tmp_path / "out", *SETTINGS)
+    assert digest(tmp_path / "out") == digest(local_run)
+
+
 @pytest.mark.slow  # over 30 s on two shared cores
 def test_archive_parts_in_the_store(s3, sample_dir, tmp_path):
     """Kaggle's volumes in a bucket: the same bytes as the local extracted folder."""
