@@ -13,7 +13,8 @@ where the camera's frame clipped the disc are never counted as retina.
 
 The measures (docs/QUALITY.md says how the thresholds were chosen):
 
-- ``vessels``: edge density of the CLAHE'd green channel (Canny edges per disc pixel) —
+- ``vessels``: edge density of the CLAHE'd green channel (pixels whose Sobel gradient
+  |dx| + |dy| reaches :data:`EDGE`, per disc pixel) —
   vessels are the retina's fine structure, and they vanish first with blur, haze, cataract
   and poor exposure.
 - ``vessel_field``: the fraction of the disc's 8 x 8 grid cells in which vessels are still
