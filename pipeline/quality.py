@@ -143,10 +143,17 @@ def _disc(radius_px: int) -> np.ndarray:
 
 
 @lru_cache(maxsize=64)
+def _disc_area(radius_px: int) -> int:
+    return cv2.countNonZero(_disc(radius_px))
+
+
+@lru_cache(maxsize=64)
 def _cell_disc(radius_px: int) -> tuple[np.ndarray, np.ndarray]:
-    """The disc's share of each vessel_field cell (0-255) and the cells it mostly covers."""
+    """The vessel_field cells the disc mostly covers, and the edge density (0-255 scale, as
+    an 8 x 8 area resize of the edges gives it) at which each "shows vessels"."""
     cell_disc = cv2.resize(_disc(radius_px), (CELLS, CELLS), interpolation=cv2.INTER_AREA)
-    return cell_disc, cell_disc > 127
+    cells = cell_disc > 127
+    return cells, CELL_MIN_EDGES * cell_disc[cells]
 
 
 def _ramp(x: float, lo: float, hi: float) -> float:
@@ -175,9 +182,9 @@ def assess(image: np.ndarray, radius: float, frame=None) -> Quality:
     fx0, fy0 = round(x0 * s), round(y0 * s)
     fx1, fy1 = round(x1 * s), round(y1 * s)
 
-    full = _disc(max(1, round(r)))
-    in_frame = full[fy0:fy1, fx0:fx1]
-    coverage = float(np.count_nonzero(in_frame)) / max(1, np.count_nonzero(full))
+    full_r = max(1, round(r))
+    in_frame = _disc(full_r)[fy0:fy1, fx0:fx1]
+    coverage = float(np.count_nonzero(in_frame)) / max(1, _disc_area(full_r))
     mask = np.zeros((GRID, GRID), np.uint8)  # 0 / 255, as OpenCV's masks
     e = EDGE_MARGIN
     mask[fy0 + e if fy0 > 0 else 0:fy1 - e if fy1 < GRID else GRID,
@@ -213,9 +220,8 @@ def assess(image: np.ndarray, radius: float, frame=None) -> Quality:
     vessels = cv2.countNonZero(edges) / n
     cell_edges = cv2.resize(edges, (CELLS, CELLS), interpolation=cv2.INTER_AREA)
     # Over the whole disc: cells the frame cut off show no vessels.
-    cell_disc, cells = _cell_disc(inner_r)
-    field = float(np.mean(cell_edges[cells] >= CELL_MIN_EDGES * cell_disc[cells])) \
-        if cells.any() else 0.0
+    cells, bar = _cell_disc(inner_r)
+    field = np.count_nonzero(cell_edges[cells] >= bar) / len(bar) if len(bar) else 0.0
 
     m = {"focus": focus, "vessels": vessels, "vessel_field": field, "brightness": mean,
          "contrast": contrast, "exposure": exposure, "coverage": coverage}
