@@ -296,3 +296,23 @@ def test_score_does_not_depend_on_the_output_size(sample_photos):
             assert abs(q.score - ref.score) < 0.08, (path.name, size, q.score, ref.score)
             same += q.verdict == ref.verdict
     assert same >= 2 * len(sample_photos[::5]) - 1
+
+
+def test_benchmark_times_two_versions_side_by_side(sample_dir, tmp_path):
+    """benchmarks/bench_quality.py --against: this version and another file's, alternated
+    round by round; against itself the scores agree exactly and the breakdown names the
+    calls that cost."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "q.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks/bench_quality.py"), "--src",
+                        str(sample_dir / "train"), "--rounds", "2", "--against",
+                        str(ROOT / "pipeline/quality.py"), "--json", str(out)],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert res["photos"] == 31 and res["cpu_ms_per_photo"] > 0
+    assert res["against"]["score_diff_max"] == 0.0 and res["against"]["ratio_of_medians"] > 0
+    assert any("CLAHE" in k for k in res["breakdown_ms_per_photo"])
+    assert "ms CPU per photo" in r.stdout and "this / that" in r.stdout
