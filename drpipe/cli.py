@@ -7,17 +7,37 @@ Exit codes (documented in README.md):
   3  bad input data: a labels file or source layout that cannot be used as it is
 """
 
+# Imports inside functions are only those that would slow every start (``drpipe --help``
+# imports none of them): TensorFlow and the training stack; Dask and the job's pandas/pyarrow
+# (pipeline.job, pipeline.preprocess, pipeline.remote_out); the photo decoders, PIL and
+# simplejpeg (pipeline.process, pipeline.preview: ~70 ms); tqdm (importlib.metadata: ~70 ms).
+
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
 import click
 
 from drpipe import __version__
-from pipeline import outputs
+from drpipe.tflogs import install as quiet_tf_logs
+from pipeline import outputs, storage
+from pipeline.filters import available as available_filters
+from pipeline.outputs import OutputRefused
+from pipeline.quality import parse_min_quality
+from pipeline.sources import LabelError, SourceError
+from pipeline.split import NotAPlan, PlanWriteError, parse_split_spec, plan_split
+from pipeline.synth import synth_dataset
+from reporting.report import NoShards, ReportError, make_report
 from tfrecord_writer.info import has_info
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 
 class DrpipeError(click.ClickException):
@@ -36,8 +56,6 @@ class MissingInputError(DrpipeError):
 
 
 def _need_shards(data) -> None:
-    from tfrecord_writer.info import has_info
-
     if not has_info(data):
         raise MissingInputError(f"{data}: no drpipe shards here (no dataset_info.json); run "
                                 "drpipe preprocess first, or give --data")
@@ -67,10 +85,6 @@ class RefusedError(DrpipeError):
     exit_code = 2
 
 
-# Keys every preprocess summary has: an existing --summary-json without them is not ours.
-SUMMARY_KEYS = ("photos", "ok", "rejected", "rejected_by_reason", "shards")
-
-
 def _check_replaceable(target, what, kind, is_own, inputs=()) -> None:
     try:
         outputs.check_replaceable(target, what, kind, is_own, inputs)
@@ -90,10 +104,6 @@ def _load_config_file(ctx, param, value):
     options override it."""
     if value is None:
         return None
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
     try:
         data = tomllib.loads(Path(value).read_text())
     except OSError as e:
@@ -172,11 +182,9 @@ def _config_value(file, key, v, param):
 
 
 def _filter_option(f):
-    from pipeline.filters import available
-
     return click.option(
         "--filter", "filter_", default="graham", show_default=True,
-        help=f"Contrast filter: {', '.join(available())}, or several joined by '+' "
+        help=f"Contrast filter: {', '.join(available_filters())}, or several joined by '+' "
              "(e.g. graham+clahe), applied left to right.")(f)
 
 
@@ -204,27 +212,29 @@ def _process_options(f):
     return f
 
 
-def make_process_config(size, filter_, quality, clahe_clip, clahe_tiles, max_megapixels=100.0,
-                        min_side=128, fmt="jpeg", max_file_mb=256.0):
-    from pipeline.filters import FilterParams, get_filter
+def _process_config(size, filter_, quality, clahe_clip, clahe_tiles, max_megapixels, min_side,
+                    max_file_mb, fmt="jpeg", min_quality=None):
     from pipeline.process import ProcessConfig
 
-    params = FilterParams(clahe_clip=clahe_clip, clahe_tiles=clahe_tiles)
     try:
-        get_filter(filter_, params)
+        return ProcessConfig.from_options(size, filter_, quality, clahe_clip, clahe_tiles,
+                                          max_megapixels, min_side, fmt, max_file_mb,
+                                          min_quality)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--filter") from None
-    return ProcessConfig(size=size, filter=filter_, format=fmt, quality=quality,
-                         filter_params=params, max_pixels=round(max_megapixels * 1e6),
-                         min_side=min_side, max_bytes=round(max_file_mb * 2**20))
+
+
+def _split_ratios(split_spec) -> dict[str, float]:
+    try:
+        return parse_split_spec(split_spec)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--split") from None
 
 
 def _min_quality(ctx, param, value):
     """--min-quality usable|good|SCORE -> the minimum score (None: no gate)."""
     if value is None:
         return None
-    from pipeline.quality import parse_min_quality
-
     try:
         return parse_min_quality(value)
     except ValueError as e:
@@ -235,8 +245,6 @@ def _quality_spec(ctx, param, value):
     """train/evaluate --min-quality: checked here, kept as written (config.json records it)."""
     if value is None or value == "all" and "all" in (param.metavar or ""):
         return value
-    from pipeline.quality import parse_min_quality
-
     try:
         parse_min_quality(value)
     except ValueError as e:
@@ -279,8 +287,6 @@ TRAIN_COMMANDS = {"train", "evaluate", "predict", "explain", "ensemble", "export
 def _need_training_stack(command: str | None) -> None:
     """Before any work: one line and exit 2 if ``command`` needs TensorFlow and it is not
     installed (``pip install 'drpipe[train]'``)."""
-    import importlib.util
-
     if command not in TRAIN_COMMANDS or {"-h", "--help"} & set(sys.argv):
         return
     try:
@@ -312,13 +318,9 @@ def synth(out: Path, n: int, seed: int, quiet: bool):
     """
     from tqdm import tqdm
 
-    from pipeline.synth import synth_dataset
-
     if n % 2:
         raise click.BadParameter(f"must be even (two eyes per patient), got {n}",
                                  param_hint="--n")
-    from pipeline.outputs import OutputRefused
-
     try:
         with tqdm(total=n, unit="photo", desc="synth", disable=quiet or None) as bar:
             truth = synth_dataset(out, n=n, seed=seed, progress=bar.update)
@@ -351,57 +353,20 @@ def preview(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_megap
     """
     from tqdm import tqdm
 
-    from pipeline.encode import encode
-    from pipeline.preview import SheetEntry, contact_sheet
-    from pipeline.process import Rejection, prepare_or_reject, read_photo
-    from pipeline.sources import expand_photo_paths
+    from pipeline.preview import NoPhotos
+    from pipeline.preview import preview as run_preview
 
-    cfg = make_process_config(size, filter_, quality, clahe_clip, clahe_tiles, max_megapixels,
-                              min_side, max_file_mb=max_file_mb)
-    files = expand_photo_paths(src)[:limit]
-    if not files:
-        raise click.UsageError("no photos found in " + ", ".join(map(str, src)))
-    from pipeline.outputs import OutputRefused, check_not_an_input
-    from pipeline.preview import plan_outputs, record_outputs
-    from tfrecord_writer.writer import atomic_write_bytes
-
+    cfg = _process_config(size, filter_, quality, clahe_clip, clahe_tiles, max_megapixels,
+                          min_side, max_file_mb)
     try:
-        check_not_an_input(out, src)
+        result = run_preview(src, out, cfg, limit, progress=lambda files: tqdm(
+            files, unit="photo", desc="preview", disable=None))
+    except NoPhotos as e:
+        raise click.UsageError(str(e)) from None
     except OutputRefused as e:
         raise RefusedError(str(e)) from None
-    out.mkdir(parents=True, exist_ok=True)
-    sheet_name, names = plan_outputs(out, files)
-    entries, rejected, written = [], [], []
-    for path, name in zip(tqdm(files, unit="photo", desc="preview", disable=None), names,
-                          strict=True):
-        image_id = path.stem
-        data = read_photo(path, cfg.max_bytes)
-        result = data if isinstance(data, Rejection) else prepare_or_reject(data, cfg)
-        if hasattr(result, "image"):
-            record_outputs(out, [name])  # before the write: a kill leaves it ours
-            atomic_write_bytes(out / name, encode(result.image, "jpeg", quality))
-            written.append(name)
-        else:
-            rejected.append((path, result))
-        entries.append(SheetEntry(image_id, result))
-    sheet = contact_sheet(entries)
-    record_outputs(out, [sheet_name])
-    atomic_write_bytes(out / sheet_name, encode(sheet, "jpeg", 90))
-    ok = len(files) - len(rejected)
-    click.echo(f"processed {ok} of {len(files)} photos into {out}/ "
-               f"(contact sheet: {out / sheet_name})")
-    renamed = [(p, n) for p, n in zip(files, names, strict=True)
-               if n != f"{p.stem}.jpeg" and n in written]
-    for p, n in renamed:
-        click.echo(f"  {p} -> {out / n} (its name was taken)")
-    verdicts = [e.result.quality.verdict for e in entries if hasattr(e.result, "image")]
-    if verdicts:
-        click.echo("quality: " + ", ".join(f"{v} {verdicts.count(v)}"
-                                           for v in ("good", "usable", "reject")))
-    if rejected:
-        click.echo(f"rejected {len(rejected)}:")
-        for path, rej in rejected:
-            click.echo(f"  {path}: {rej}")
+    for line in result.lines():
+        click.echo(line)
 
 
 @main.command()
@@ -483,25 +448,14 @@ def preprocess(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_me
     files (features.json; dataset_info.json, written last), so that
     tfds.builder_from_directory opens the output (docs/FORMAT.md).
     """
-    import dataclasses
-
     from tqdm import tqdm
 
-    from pipeline import storage
     from pipeline.job import JobConfig, JobError, LockHeld, RunOptions
-    from pipeline.job import run as run_job
-    from pipeline.remote_out import run_to_store
-    from pipeline.sources import LabelError, SourceError
-    from pipeline.split import parse_split_spec
+    from pipeline.preprocess import SUMMARY_KEYS, short_summary, summary_lines
+    from pipeline.preprocess import preprocess as run_preprocess
 
     storage.configure(storage_options)
-    if storage.is_url(out):
-        run_job = run_to_store  # noqa: F811 - staged here, uploaded shard by shard
-
-    try:
-        ratios = parse_split_spec(split_spec)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--split") from None
+    ratios = _split_ratios(split_spec)
     # Before --out is created: a typo leaves nothing behind. (A store URL is checked when
     # listed; a file may be one .zip.)
     if not storage.is_url(src) and not Path(src).exists():
@@ -511,94 +465,37 @@ def preprocess(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_me
                            outputs.json_has_keys(SUMMARY_KEYS),
                            [p for p in (src, labels) if p and not storage.is_url(p)])
     cfg = JobConfig(src=str(src), out=str(out),
-                    process=dataclasses.replace(make_process_config(
-                        size, filter_, quality, clahe_clip, clahe_tiles, max_megapixels,
-                        min_side, fmt, max_file_mb), min_quality=min_quality),
+                    process=_process_config(size, filter_, quality, clahe_clip, clahe_tiles,
+                                            max_megapixels, min_side, max_file_mb, fmt,
+                                            min_quality),
                     split=ratios, seed=seed, shard_size_mb=shard_size,
                     source_kind=source_kind, labels=str(labels) if labels else None,
                     id_col=id_col, label_col=label_col, patient_col=patient_col, limit=limit,
                     follow_links=follow_links)
     opts = RunOptions(workers=workers, scheduler=scheduler, strict=strict,
                       overwrite=overwrite, quiet=quiet)
-
     terminal = sys.stdout.isatty()  # a scheduler's log: no bar, a one-line summary
 
     def bar(total, initial):
         return tqdm(total=total, initial=initial, unit="photo", desc="preprocess",
                     disable=True if quiet or not terminal else None, smoothing=0.1)
-    import time
 
-    started, status, summary = time.time(), 1, None
+    def show(summary):
+        for line in (summary_lines if terminal else short_summary)(summary, out):
+            click.echo(line)
+
     try:
-        try:
-            summary = run_job(cfg, opts, progress_factory=bar)
-        except KeyboardInterrupt:
-            status = 130
-            raise Interrupted(f"interrupted; what was committed to {out} is kept (re-run the "
-                              "same command to resume)") from None
-        except LockHeld as e:
-            status = 75
-            raise Busy(f"skipped: {e}") from None
-        except (LabelError, SourceError) as e:
-            status = 3
-            raise InputDataError(str(e)) from None
-        except JobError as e:
-            raise DrpipeError(str(e)) from None
-        if summary_json:
-            try:
-                summary_json.write_text(json.dumps(summary, indent=2) + "\n")
-            except OSError as e:
-                raise DrpipeError(f"cannot write --summary-json {summary_json}: "
-                                  f"{e.strerror or e} (the run itself is complete)") from None
-        if not quiet:
-            (_print_summary if terminal else _print_short_summary)(summary, out)
-        if not summary["ok"]:  # nothing to train on is a failed run, never a silent exit 0
-            reasons = ", ".join(f"{k} {v}" for k, v in summary["rejected_by_reason"].items())
-            raise DrpipeError(f"no usable photo: {summary['photos']} found, "
-                              f"{summary['rejected']} rejected ({reasons or 'none'}; see "
-                              f"{out}/data_manifest.csv)")
-        if strict and summary["rejected"]:
-            raise DrpipeError(f"--strict: {summary['rejected']} photo(s) rejected "
-                              f"(reasons in {out}/data_manifest.csv)")
-        status = 0
-    finally:
-        if not storage.is_url(out):
-            from pipeline.versions import history_entry
-
-            history_entry(out, status, summary, started)
-
-
-def _print_short_summary(s: dict, out) -> None:
-    """One line for a scheduler's log."""
-    c = s.get("changes") or {}
-    what = ("no change" if s.get("already_complete") else
-            ", ".join(f"{v} {k}" for k, v in c.items() if v) or "no photo changed")
-    click.echo(f"{out}: version {s.get('version', 1)}: {s['ok']} of {s['photos']} photos in "
-               f"{sum(s['shards'].values())} shards ({what}; {s['rejected']} rejected; "
-               + ("already complete)" if s.get("already_complete") else
-                  f"{s['timings']['total_s']:.1f} s)"))
-
-
-def _print_summary(s: dict, out) -> None:
-    if s.get("already_complete"):
-        click.echo(f"{out}: already complete ({s['ok']} photos in "
-                   f"{sum(s['shards'].values())} shards); nothing to do")
-        return
-    n_shards = sum(s["shards"].values())
-    click.echo(f"{s['ok']} of {s['photos']} photos written to {n_shards} "
-               f"shard{'s' if n_shards != 1 else ''} in {out}/ ({s['timings']['total_s']:.1f} s"
-               + (f", {s['photos_per_s']:.1f} photos/s" if s.get("photos_per_s") else "") + ")")
-    for split, grades in s["counts"].items():
-        click.echo(f"  {split:>6}: {sum(grades):6d} photos, grades 0-4: "
-                   + " / ".join(map(str, grades)))
-    if s["rejected"]:
-        reasons = ", ".join(f"{k} {v}" for k, v in s["rejected_by_reason"].items())
-        click.echo(f"  rejected {s['rejected']}: {reasons} (see {out}/data_manifest.csv)")
-    if s["labels_without_photo"]:
-        click.echo(f"  labels without a photo: {s['labels_without_photo']}")
-    if s["duplicates"]:
-        click.echo(f"  identical files under different ids: {s['duplicates']} "
-                   "(column duplicate_of)")
+        run_preprocess(cfg, opts, summary_json, progress_factory=bar,
+                       show=None if quiet else show)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; what was committed to {out} is kept (re-run the "
+                          "same command to resume)") from None
+    except LockHeld as e:
+        raise Busy(f"skipped: {e}") from None
+    except (LabelError, SourceError) as e:
+        raise InputDataError(str(e)) from None
+    except JobError as e:
+        raise DrpipeError(str(e)) from None
 
 
 @main.command()
@@ -626,72 +523,19 @@ def split(labels, id_col, label_col, patient_col, split_spec, seed, out, previou
     incremental preprocess run, every earlier patient stays in its split and new patients
     are assigned from the current counts.
     """
-    import csv
-    import io
-
-    from pipeline.outputs import csv_cell
-    from pipeline.sources import LabelError, read_labels
-    from pipeline.split import assign_splits, parse_split_spec
-    from tfrecord_writer.writer import atomic_write_bytes
-
+    ratios = _split_ratios(split_spec)
     try:
-        ratios = parse_split_spec(split_spec)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--split") from None
-    try:
-        rows = [r for path in labels for r in read_labels(path, id_col, label_col, patient_col)]
+        plan = plan_split(labels, ratios, seed, out, id_col, label_col, patient_col, previous)
     except LabelError as e:
         raise InputDataError(str(e)) from None
-    header = ["image", "patient_id", "eye", "label", "split"]
-    # Never replace a file drpipe split did not write (--out trainLabels.csv would lose the
-    # labels): an existing --out must be a previous split plan.
-    if out.exists():
-        try:
-            with open(out, newline="", encoding="utf-8") as f:
-                first = next(csv.reader(f), None)
-        except (OSError, UnicodeDecodeError):
-            first = None
-        if first != header or out.resolve() == labels.resolve():
-            raise click.BadParameter(f"{out} exists and is not a drpipe split plan; "
-                                     "choose another --out", param_hint="--out")
-    keep = None
-    if previous is not None:
-        try:
-            with open(previous, newline="", encoding="utf-8") as f:
-                plan = list(csv.DictReader(f))
-        except (OSError, UnicodeDecodeError) as e:
-            raise InputDataError(f"cannot read --previous {previous}: {e}") from None
-        if not plan or not {"patient_id", "split"} <= set(plan[0]):
-            raise InputDataError(f"--previous {previous} is not a drpipe split plan "
-                                 "(no patient_id and split columns)")
-        keep = {r["patient_id"].removeprefix("'"): r["split"] for r in plan}
-    try:
-        assignment = assign_splits([(r.image_id, r.patient_id, r.label) for r in rows], ratios,
-                                   seed, keep=keep)
+    except NotAPlan as e:
+        raise click.BadParameter(str(e), param_hint="--out") from None
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--split") from None
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    for r in sorted(rows, key=lambda r: r.image_id):
-        w.writerow([csv_cell(r.image_id), csv_cell(r.patient_id), r.eye, r.label,
-                    assignment[r.image_id]])
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out, buf.getvalue().encode())
-    except OSError as e:
-        raise DrpipeError(f"cannot write {out}: {e.strerror or e}") from None
-    total = [sum(1 for r in rows if r.label == g) for g in range(5)]
-    click.echo(f"{len(rows)} photos of {len({r.patient_id for r in rows})} patients -> {out}")
-    for name in ratios:
-        c = [sum(1 for r in rows if r.label == g and assignment[r.image_id] == name)
-             for g in range(5)]
-        share = " ".join(f"{100 * a / max(sum(c), 1):5.1f}%" for a in c)
-        click.echo(f"  {name:>6}: {sum(c):6d} photos, grades 0-4: "
-                   + " / ".join(map(str, c)) + f"  ({share})")
-    whole = " ".join(f"{100 * a / max(sum(total), 1):5.1f}%" for a in total)
-    click.echo(f"  {'all':>6}: {sum(total):6d} photos, grades 0-4: "
-               + " / ".join(map(str, total)) + f"  ({whole})")
+    except PlanWriteError as e:
+        raise DrpipeError(str(e)) from None
+    for line in plan.lines():
+        click.echo(line)
 
 
 def _int_list(ctx, param, value):
@@ -1193,26 +1037,15 @@ def report(data, runs, out, examples):
     """One self-contained HTML page: preprocessing settings, grades per split, rejection
     reasons, processed examples per grade, and for each --run its training curves,
     confusion matrix, kappa and per-grade scores. Opens offline; nothing to fetch."""
-    from drpipe.report import ReportError, build, write
-
     _check_replaceable(out, "--out", "a drpipe report", outputs.text_starts_with(
         "<title>drpipe report"), [*runs, data] if data else runs)
-    if data is None:
-        data = Path("shards")
-        if runs:
-            cfg = json.loads((runs[0] / "config.json").read_text()) if (
-                runs[0] / "config.json").exists() else {}
-            data = Path(cfg.get("data", data))
-    if not (data / "dataset_info.json").exists():
-        raise MissingInputError(f"{data}: no drpipe shards here (no dataset_info.json); "
-                                "give --data")
     try:
-        page = build(data, runs, per_grade=examples)
+        made = make_report(data, runs, out, per_grade=examples)
+    except NoShards as e:
+        raise MissingInputError(str(e)) from None
     except ReportError as e:
         raise DrpipeError(str(e)) from None
-    write(page, out)
-    click.echo(f"{out} ({len(page.encode()) / 1e6:.1f} MB): {data}"
-               + (f" and {len(runs)} run(s)" if runs else ""))
+    click.echo(made.summary())
 
 
 # Modules of the drpipe[train] extra: a command that needs one says what to install (exit 2).
@@ -1222,11 +1055,7 @@ TRAIN_MODULES = {"tensorflow", "keras", "tensorboard", "ai_edge_litert", "tf_ker
 def run() -> None:
     """Entry point with a last-resort guard: a bug prints one line, not a traceback
     (DRPIPE_DEBUG=1 shows it)."""
-    import os
-
-    from drpipe.tflogs import install
-
-    install()  # TensorFlow's native start-up lines hidden unless DRPIPE_TF_LOGS=1
+    quiet_tf_logs()  # TensorFlow's native start-up lines hidden unless DRPIPE_TF_LOGS=1
     try:
         main(standalone_mode=True)
     except Exception as e:  # noqa: BLE001
