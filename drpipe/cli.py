@@ -23,21 +23,27 @@ from pathlib import Path
 import click
 
 from drpipe import __version__
+from drpipe.options import (
+    config_option,
+    key_value_pairs,
+    local_file_or_url,
+    min_quality_score,
+    process_config,
+    process_options,
+    split_ratios,
+)
+from drpipe.options import (
+    load_config_file as _load_config_file,  # train's --config
+)
 from drpipe.tflogs import install as quiet_tf_logs
 from pipeline import outputs, storage
-from pipeline.filters import available as available_filters
 from pipeline.outputs import OutputRefused
 from pipeline.quality import parse_min_quality
 from pipeline.sources import LabelError, SourceError
-from pipeline.split import NotAPlan, PlanWriteError, parse_split_spec, plan_split
+from pipeline.split import NotAPlan, PlanWriteError, plan_split
 from pipeline.synth import synth_dataset
 from reporting.report import NoShards, ReportError, make_report
 from tfrecord_writer.info import has_info
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
 
 
 class DrpipeError(click.ClickException):
@@ -99,55 +105,6 @@ def _check_folder(out, what, kind, marker) -> None:
         raise RefusedError(str(e)) from None
 
 
-def _load_config_file(ctx, param, value):
-    """--config FILE: TOML whose keys are option names (dashes or underscores); command-line
-    options override it."""
-    if value is None:
-        return None
-    try:
-        data = tomllib.loads(Path(value).read_text())
-    except OSError as e:
-        raise click.BadParameter(f"cannot read {value}: {e.strerror or e}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise click.BadParameter(f"{value}: invalid TOML: {e}") from None
-    # TOML keys are the long option names, with dashes or underscores: shard-size, filter.
-    by_option = {opt[2:].replace("-", "_"): p.name for p in ctx.command.params
-                 for opt in p.opts if opt.startswith("--") and p.name}
-    by_option.pop("config", None)
-    params = {p.name: p for p in ctx.command.params}
-    defaults = {}
-    for key, v in data.items():
-        name = by_option.get(key.replace("-", "_"))
-        if name is None:
-            raise click.BadParameter(f"{value}: unknown option {key!r}")
-        defaults[name] = _config_value(value, key, v, params[name])
-    ctx.default_map = {**(ctx.default_map or {}), **defaults}
-    return value
-
-
-def _local_file_or_url(ctx, param, value):
-    """A local file that must exist, or a store URL (checked when read)."""
-    if value is None or "://" in value:
-        return value
-    if not Path(value).is_file():
-        raise click.BadParameter(f"{value}: no such file", ctx, param)
-    return value
-
-
-def _storage_options(ctx, param, values) -> dict:
-    """KEY=VALUE pairs; a value that parses as JSON (true, 5, {...}) is taken as such."""
-    out = {}
-    for v in values:
-        key, sep, raw = v.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"{v!r}: expected KEY=VALUE", ctx, param)
-        try:
-            out[key] = json.loads(raw)
-        except ValueError:
-            out[key] = raw
-    return out
-
-
 def _data_dir(ctx, param, value):
     """--data: a local folder as a Path; a store URL staged to the local cache first
     (TensorFlow has no s3:// filesystem)."""
@@ -164,81 +121,6 @@ def _data_dir(ctx, param, value):
         raise DrpipeError(str(e)) from None
     except OSError as e:
         raise DrpipeError(f"{value}: {str(e).splitlines()[0] if str(e) else e}") from None
-
-
-def _config_value(file, key, v, param):
-    """A TOML value checked against its option: click would turn 64.7 into 64 and fail
-    on a list with a traceback."""
-    def bad(what):
-        return click.BadParameter(f"{file}: {key} = {v!r}: {what}")
-    if isinstance(v, (list, dict)) and not (param.multiple or param.nargs != 1):
-        raise bad("expected a single value")
-    flag = getattr(param, "is_flag", False)
-    if flag != isinstance(v, bool):
-        raise bad("expected true or false" if flag else "expected a value, not a boolean")
-    if isinstance(param.type, click.types.IntParamType) and isinstance(v, float):
-        raise bad("expected an integer")
-    return v
-
-
-def _filter_option(f):
-    return click.option(
-        "--filter", "filter_", default="graham", show_default=True,
-        help=f"Contrast filter: {', '.join(available_filters())}, or several joined by '+' "
-             "(e.g. graham+clahe), applied left to right.")(f)
-
-
-def _process_options(f):
-    f = click.option("--min-side", type=click.IntRange(16), default=128, show_default=True,
-                     help="Reject photos whose short side is under this many pixels "
-                          "(too_small).")(f)
-    f = click.option("--max-megapixels", type=click.FloatRange(1, 1000), default=100.0,
-                     show_default=True,
-                     help="Reject photos larger than this, from their header, before decoding "
-                          "(too_large: decompression bombs).")(f)
-    f = click.option("--max-file-mb", type=click.FloatRange(0.001), default=256.0,
-                     show_default=True,
-                     help="Reject files larger than this before reading them (too_large: "
-                          "a padded or wrong file would take a worker's memory).")(f)
-    f = click.option("--clahe-tiles", type=click.IntRange(1, 64), default=8, show_default=True,
-                      help="CLAHE tile grid (N x N).")(f)
-    f = click.option("--clahe-clip", type=click.FloatRange(0.1, 100), default=2.0,
-                     show_default=True, help="CLAHE clip limit.")(f)
-    f = click.option("--quality", type=click.IntRange(1, 100), default=95, show_default=True,
-                     help="JPEG quality of the processed photos.")(f)
-    f = _filter_option(f)
-    f = click.option("--size", type=click.IntRange(32, 4096), default=512, show_default=True,
-                     help="Side of the square output in pixels; the retina spans it.")(f)
-    return f
-
-
-def _process_config(size, filter_, quality, clahe_clip, clahe_tiles, max_megapixels, min_side,
-                    max_file_mb, fmt="jpeg", min_quality=None):
-    from pipeline.process import ProcessConfig
-
-    try:
-        return ProcessConfig.from_options(size, filter_, quality, clahe_clip, clahe_tiles,
-                                          max_megapixels, min_side, fmt, max_file_mb,
-                                          min_quality)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--filter") from None
-
-
-def _split_ratios(split_spec) -> dict[str, float]:
-    try:
-        return parse_split_spec(split_spec)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--split") from None
-
-
-def _min_quality(ctx, param, value):
-    """--min-quality usable|good|SCORE -> the minimum score (None: no gate)."""
-    if value is None:
-        return None
-    try:
-        return parse_min_quality(value)
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from None
 
 
 def _quality_spec(ctx, param, value):
@@ -337,7 +219,7 @@ def synth(out: Path, n: int, seed: int, quiet: bool):
                 type=click.Path(exists=True, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Directory for {id}.jpeg outputs and contact_sheet.jpeg.")
-@_process_options
+@process_options
 @click.option("--limit", type=click.IntRange(1), default=None,
               help="Process at most this many photos (folders are read in name order).")
 def preview(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_megapixels, min_side,
@@ -356,7 +238,7 @@ def preview(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_megap
     from pipeline.preview import NoPhotos
     from pipeline.preview import preview as run_preview
 
-    cfg = _process_config(size, filter_, quality, clahe_clip, clahe_tiles, max_megapixels,
+    cfg = process_config(size, filter_, quality, clahe_clip, clahe_tiles, max_megapixels,
                           min_side, max_file_mb)
     try:
         result = run_preview(src, out, cfg, limit, progress=lambda files: tqdm(
@@ -370,9 +252,7 @@ def preview(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_megap
 
 
 @main.command()
-@click.option("--config", type=click.Path(exists=True, dir_okay=False), callback=_load_config_file,
-              is_eager=True, expose_value=False,
-              help="TOML file with any of these options (keys as option names).")
+@config_option
 @click.option("--src", type=click.Path(), metavar="PATH|URL", default="raw", show_default=True,
               help="Source directory: Kaggle (train/ + trainLabels.csv, test/ + "
                    "retinopathy_solution.csv), APTOS (train.csv + train_images/), folders "
@@ -384,7 +264,7 @@ def preview(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_megap
               show_default=True, help="Output directory for shards, manifest, "
                                       "dataset_info.json; or a store URL (s3://bucket/shards): "
                                       "staged on this disk, each shard uploaded whole.")
-@_process_options
+@process_options
 @click.option("--format", "fmt", type=click.Choice(["jpeg", "png"]), default="jpeg",
               show_default=True, help="Encoding of the processed photos in the records.")
 @click.option("--split", "split_spec", default="train=0.8,val=0.1,test=0.1", show_default=True,
@@ -401,10 +281,10 @@ def preview(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_megap
                    "it is a URL.")
 @click.option("--source", "source_kind", type=click.Choice(["kaggle", "aptos", "folders", "csv"]),
               default=None, help="Source layout [default: detected].")
-@click.option("--labels", callback=_local_file_or_url, metavar="FILE|URL", default=None,
+@click.option("--labels", callback=local_file_or_url, metavar="FILE|URL", default=None,
               help="Labels CSV for any layout (photos matched by file name).")
 @click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
-              callback=_storage_options,
+              callback=key_value_pairs,
               help="An fsspec option for URLs (e.g. endpoint_url=http://minio:9000, "
                    "anon=true); repeatable. Credentials come from the environment or the "
                    "instance's role and are never stored.")
@@ -419,7 +299,8 @@ def preview(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_megap
               help="Read photos through symlinks (of files or folders) that lead outside "
                    "--src [default: rejected outside_source].")
 @click.option("--strict", is_flag=True, help="Fail (exit 1) if any photo is rejected.")
-@click.option("--min-quality", callback=_min_quality, default=None, metavar="usable|good|SCORE",
+@click.option("--min-quality", callback=min_quality_score, default=None,
+              metavar="usable|good|SCORE",
               help="Reject photos whose gradability score (docs/QUALITY.md) is under this, as "
                    "ungradable, with the measures in the reason [default: record the quality, "
                    "reject nothing for it].")
@@ -455,7 +336,7 @@ def preprocess(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_me
     from pipeline.preprocess import preprocess as run_preprocess
 
     storage.configure(storage_options)
-    ratios = _split_ratios(split_spec)
+    ratios = split_ratios(split_spec)
     # Before --out is created: a typo leaves nothing behind. (A store URL is checked when
     # listed; a file may be one .zip.)
     if not storage.is_url(src) and not Path(src).exists():
@@ -465,7 +346,7 @@ def preprocess(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_me
                            outputs.json_has_keys(SUMMARY_KEYS),
                            [p for p in (src, labels) if p and not storage.is_url(p)])
     cfg = JobConfig(src=str(src), out=str(out),
-                    process=_process_config(size, filter_, quality, clahe_clip, clahe_tiles,
+                    process=process_config(size, filter_, quality, clahe_clip, clahe_tiles,
                                             max_megapixels, min_side, max_file_mb, fmt,
                                             min_quality),
                     split=ratios, seed=seed, shard_size_mb=shard_size,
@@ -523,7 +404,7 @@ def split(labels, id_col, label_col, patient_col, split_spec, seed, out, previou
     incremental preprocess run, every earlier patient stays in its split and new patients
     are assigned from the current counts.
     """
-    ratios = _split_ratios(split_spec)
+    ratios = split_ratios(split_spec)
     try:
         plan = plan_split(labels, ratios, seed, out, id_col, label_col, patient_col, previous)
     except LabelError as e:
