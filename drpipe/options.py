@@ -124,7 +124,7 @@ def process_options(f):
 
 
 def process_config(size, filter_, quality, clahe_clip, clahe_tiles, max_megapixels, min_side,
-                    max_file_mb, fmt="jpeg", min_quality=None):
+                   max_file_mb, fmt="jpeg", min_quality=None):
     from pipeline.process import ProcessConfig  # loads PIL: deferred, see cli.py
 
     try:
