@@ -239,7 +239,7 @@ def preview(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_megap
     from pipeline.preview import preview as run_preview
 
     cfg = process_config(size, filter_, quality, clahe_clip, clahe_tiles, max_megapixels,
-                          min_side, max_file_mb)
+                         min_side, max_file_mb)
     try:
         result = run_preview(src, out, cfg, limit, progress=lambda files: tqdm(
             files, unit="photo", desc="preview", disable=None))
@@ -347,8 +347,8 @@ def preprocess(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_me
                            [p for p in (src, labels) if p and not storage.is_url(p)])
     cfg = JobConfig(src=str(src), out=str(out),
                     process=process_config(size, filter_, quality, clahe_clip, clahe_tiles,
-                                            max_megapixels, min_side, max_file_mb, fmt,
-                                            min_quality),
+                                           max_megapixels, min_side, max_file_mb, fmt,
+                                           min_quality),
                     split=ratios, seed=seed, shard_size_mb=shard_size,
                     source_kind=source_kind, labels=str(labels) if labels else None,
                     id_col=id_col, label_col=label_col, patient_col=patient_col, limit=limit,
