@@ -7,16 +7,42 @@ Exit codes (documented in README.md):
   3  bad input data: a labels file or source layout that cannot be used as it is
 """
 
+# Imports inside functions are only those that would slow every start (``drpipe --help``
+# imports none of them): TensorFlow and the training stack; Dask and the job's pandas/pyarrow
+# (pipeline.job, pipeline.preprocess, pipeline.remote_out); the photo decoders, PIL and
+# simplejpeg (pipeline.process, pipeline.preview: ~70 ms); tqdm (importlib.metadata: ~70 ms).
+
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
 import click
 
 from drpipe import __version__
-from pipeline import outputs
+from drpipe.options import (
+    config_option,
+    key_value_pairs,
+    local_file_or_url,
+    min_quality_score,
+    process_config,
+    process_options,
+    split_ratios,
+)
+from drpipe.options import (
+    load_config_file as _load_config_file,  # train's --config
+)
+from drpipe.tflogs import install as quiet_tf_logs
+from pipeline import outputs, storage
+from pipeline.outputs import OutputRefused
+from pipeline.quality import parse_min_quality
+from pipeline.sources import LabelError, SourceError
+from pipeline.split import NotAPlan, PlanWriteError, plan_split
+from pipeline.synth import synth_dataset
+from reporting.report import NoShards, ReportError, make_report
 from tfrecord_writer.info import has_info
 
 
@@ -36,8 +62,6 @@ class MissingInputError(DrpipeError):
 
 
 def _need_shards(data) -> None:
-    from tfrecord_writer.info import has_info
-
     if not has_info(data):
         raise MissingInputError(f"{data}: no drpipe shards here (no dataset_info.json); run "
                                 "drpipe preprocess first, or give --data")
@@ -67,10 +91,6 @@ class RefusedError(DrpipeError):
     exit_code = 2
 
 
-# Keys every preprocess summary has: an existing --summary-json without them is not ours.
-SUMMARY_KEYS = ("photos", "ok", "rejected", "rejected_by_reason", "shards")
-
-
 def _check_replaceable(target, what, kind, is_own, inputs=()) -> None:
     try:
         outputs.check_replaceable(target, what, kind, is_own, inputs)
@@ -83,59 +103,6 @@ def _check_folder(out, what, kind, marker) -> None:
         outputs.check_folder(out, what, kind, marker)
     except outputs.OutputRefused as e:
         raise RefusedError(str(e)) from None
-
-
-def _load_config_file(ctx, param, value):
-    """--config FILE: TOML whose keys are option names (dashes or underscores); command-line
-    options override it."""
-    if value is None:
-        return None
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
-    try:
-        data = tomllib.loads(Path(value).read_text())
-    except OSError as e:
-        raise click.BadParameter(f"cannot read {value}: {e.strerror or e}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise click.BadParameter(f"{value}: invalid TOML: {e}") from None
-    # TOML keys are the long option names, with dashes or underscores: shard-size, filter.
-    by_option = {opt[2:].replace("-", "_"): p.name for p in ctx.command.params
-                 for opt in p.opts if opt.startswith("--") and p.name}
-    by_option.pop("config", None)
-    params = {p.name: p for p in ctx.command.params}
-    defaults = {}
-    for key, v in data.items():
-        name = by_option.get(key.replace("-", "_"))
-        if name is None:
-            raise click.BadParameter(f"{value}: unknown option {key!r}")
-        defaults[name] = _config_value(value, key, v, params[name])
-    ctx.default_map = {**(ctx.default_map or {}), **defaults}
-    return value
-
-
-def _local_file_or_url(ctx, param, value):
-    """A local file that must exist, or a store URL (checked when read)."""
-    if value is None or "://" in value:
-        return value
-    if not Path(value).is_file():
-        raise click.BadParameter(f"{value}: no such file", ctx, param)
-    return value
-
-
-def _storage_options(ctx, param, values) -> dict:
-    """KEY=VALUE pairs; a value that parses as JSON (true, 5, {...}) is taken as such."""
-    out = {}
-    for v in values:
-        key, sep, raw = v.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"{v!r}: expected KEY=VALUE", ctx, param)
-        try:
-            out[key] = json.loads(raw)
-        except ValueError:
-            out[key] = raw
-    return out
 
 
 def _data_dir(ctx, param, value):
@@ -156,87 +123,10 @@ def _data_dir(ctx, param, value):
         raise DrpipeError(f"{value}: {str(e).splitlines()[0] if str(e) else e}") from None
 
 
-def _config_value(file, key, v, param):
-    """A TOML value checked against its option: click would turn 64.7 into 64 and fail
-    on a list with a traceback."""
-    def bad(what):
-        return click.BadParameter(f"{file}: {key} = {v!r}: {what}")
-    if isinstance(v, (list, dict)) and not (param.multiple or param.nargs != 1):
-        raise bad("expected a single value")
-    flag = getattr(param, "is_flag", False)
-    if flag != isinstance(v, bool):
-        raise bad("expected true or false" if flag else "expected a value, not a boolean")
-    if isinstance(param.type, click.types.IntParamType) and isinstance(v, float):
-        raise bad("expected an integer")
-    return v
-
-
-def _filter_option(f):
-    from pipeline.filters import available
-
-    return click.option(
-        "--filter", "filter_", default="graham", show_default=True,
-        help=f"Contrast filter: {', '.join(available())}, or several joined by '+' "
-             "(e.g. graham+clahe), applied left to right.")(f)
-
-
-def _process_options(f):
-    f = click.option("--min-side", type=click.IntRange(16), default=128, show_default=True,
-                     help="Reject photos whose short side is under this many pixels "
-                          "(too_small).")(f)
-    f = click.option("--max-megapixels", type=click.FloatRange(1, 1000), default=100.0,
-                     show_default=True,
-                     help="Reject photos larger than this, from their header, before decoding "
-                          "(too_large: decompression bombs).")(f)
-    f = click.option("--max-file-mb", type=click.FloatRange(0.001), default=256.0,
-                     show_default=True,
-                     help="Reject files larger than this before reading them (too_large: "
-                          "a padded or wrong file would take a worker's memory).")(f)
-    f = click.option("--clahe-tiles", type=click.IntRange(1, 64), default=8, show_default=True,
-                      help="CLAHE tile grid (N x N).")(f)
-    f = click.option("--clahe-clip", type=click.FloatRange(0.1, 100), default=2.0,
-                     show_default=True, help="CLAHE clip limit.")(f)
-    f = click.option("--quality", type=click.IntRange(1, 100), default=95, show_default=True,
-                     help="JPEG quality of the processed photos.")(f)
-    f = _filter_option(f)
-    f = click.option("--size", type=click.IntRange(32, 4096), default=512, show_default=True,
-                     help="Side of the square output in pixels; the retina spans it.")(f)
-    return f
-
-
-def make_process_config(size, filter_, quality, clahe_clip, clahe_tiles, max_megapixels=100.0,
-                        min_side=128, fmt="jpeg", max_file_mb=256.0):
-    from pipeline.filters import FilterParams, get_filter
-    from pipeline.process import ProcessConfig
-
-    params = FilterParams(clahe_clip=clahe_clip, clahe_tiles=clahe_tiles)
-    try:
-        get_filter(filter_, params)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--filter") from None
-    return ProcessConfig(size=size, filter=filter_, format=fmt, quality=quality,
-                         filter_params=params, max_pixels=round(max_megapixels * 1e6),
-                         min_side=min_side, max_bytes=round(max_file_mb * 2**20))
-
-
-def _min_quality(ctx, param, value):
-    """--min-quality usable|good|SCORE -> the minimum score (None: no gate)."""
-    if value is None:
-        return None
-    from pipeline.quality import parse_min_quality
-
-    try:
-        return parse_min_quality(value)
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from None
-
-
 def _quality_spec(ctx, param, value):
     """train/evaluate --min-quality: checked here, kept as written (config.json records it)."""
     if value is None or value == "all" and "all" in (param.metavar or ""):
         return value
-    from pipeline.quality import parse_min_quality
-
     try:
         parse_min_quality(value)
     except ValueError as e:
@@ -279,8 +169,6 @@ TRAIN_COMMANDS = {"train", "evaluate", "predict", "explain", "ensemble", "export
 def _need_training_stack(command: str | None) -> None:
     """Before any work: one line and exit 2 if ``command`` needs TensorFlow and it is not
     installed (``pip install 'drpipe[train]'``)."""
-    import importlib.util
-
     if command not in TRAIN_COMMANDS or {"-h", "--help"} & set(sys.argv):
         return
     try:
@@ -312,13 +200,9 @@ def synth(out: Path, n: int, seed: int, quiet: bool):
     """
     from tqdm import tqdm
 
-    from pipeline.synth import synth_dataset
-
     if n % 2:
         raise click.BadParameter(f"must be even (two eyes per patient), got {n}",
                                  param_hint="--n")
-    from pipeline.outputs import OutputRefused
-
     try:
         with tqdm(total=n, unit="photo", desc="synth", disable=quiet or None) as bar:
             truth = synth_dataset(out, n=n, seed=seed, progress=bar.update)
@@ -335,7 +219,7 @@ def synth(out: Path, n: int, seed: int, quiet: bool):
                 type=click.Path(exists=True, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Directory for {id}.jpeg outputs and contact_sheet.jpeg.")
-@_process_options
+@process_options
 @click.option("--limit", type=click.IntRange(1), default=None,
               help="Process at most this many photos (folders are read in name order).")
 def preview(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_megapixels, min_side,
@@ -351,63 +235,24 @@ def preview(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_megap
     """
     from tqdm import tqdm
 
-    from pipeline.encode import encode
-    from pipeline.preview import SheetEntry, contact_sheet
-    from pipeline.process import Rejection, prepare_or_reject, read_photo
-    from pipeline.sources import expand_photo_paths
+    from pipeline.preview import NoPhotos
+    from pipeline.preview import preview as run_preview
 
-    cfg = make_process_config(size, filter_, quality, clahe_clip, clahe_tiles, max_megapixels,
-                              min_side, max_file_mb=max_file_mb)
-    files = expand_photo_paths(src)[:limit]
-    if not files:
-        raise click.UsageError("no photos found in " + ", ".join(map(str, src)))
-    from pipeline.outputs import OutputRefused, check_not_an_input
-    from pipeline.preview import plan_outputs, record_outputs
-    from tfrecord_writer.writer import atomic_write_bytes
-
+    cfg = process_config(size, filter_, quality, clahe_clip, clahe_tiles, max_megapixels,
+                         min_side, max_file_mb)
     try:
-        check_not_an_input(out, src)
+        result = run_preview(src, out, cfg, limit, progress=lambda files: tqdm(
+            files, unit="photo", desc="preview", disable=None))
+    except NoPhotos as e:
+        raise click.UsageError(str(e)) from None
     except OutputRefused as e:
         raise RefusedError(str(e)) from None
-    out.mkdir(parents=True, exist_ok=True)
-    sheet_name, names = plan_outputs(out, files)
-    entries, rejected, written = [], [], []
-    for path, name in zip(tqdm(files, unit="photo", desc="preview", disable=None), names,
-                          strict=True):
-        image_id = path.stem
-        data = read_photo(path, cfg.max_bytes)
-        result = data if isinstance(data, Rejection) else prepare_or_reject(data, cfg)
-        if hasattr(result, "image"):
-            record_outputs(out, [name])  # before the write: a kill leaves it ours
-            atomic_write_bytes(out / name, encode(result.image, "jpeg", quality))
-            written.append(name)
-        else:
-            rejected.append((path, result))
-        entries.append(SheetEntry(image_id, result))
-    sheet = contact_sheet(entries)
-    record_outputs(out, [sheet_name])
-    atomic_write_bytes(out / sheet_name, encode(sheet, "jpeg", 90))
-    ok = len(files) - len(rejected)
-    click.echo(f"processed {ok} of {len(files)} photos into {out}/ "
-               f"(contact sheet: {out / sheet_name})")
-    renamed = [(p, n) for p, n in zip(files, names, strict=True)
-               if n != f"{p.stem}.jpeg" and n in written]
-    for p, n in renamed:
-        click.echo(f"  {p} -> {out / n} (its name was taken)")
-    verdicts = [e.result.quality.verdict for e in entries if hasattr(e.result, "image")]
-    if verdicts:
-        click.echo("quality: " + ", ".join(f"{v} {verdicts.count(v)}"
-                                           for v in ("good", "usable", "reject")))
-    if rejected:
-        click.echo(f"rejected {len(rejected)}:")
-        for path, rej in rejected:
-            click.echo(f"  {path}: {rej}")
+    for line in result.lines():
+        click.echo(line)
 
 
 @main.command()
-@click.option("--config", type=click.Path(exists=True, dir_okay=False), callback=_load_config_file,
-              is_eager=True, expose_value=False,
-              help="TOML file with any of these options (keys as option names).")
+@config_option
 @click.option("--src", type=click.Path(), metavar="PATH|URL", default="raw", show_default=True,
               help="Source directory: Kaggle (train/ + trainLabels.csv, test/ + "
                    "retinopathy_solution.csv), APTOS (train.csv + train_images/), folders "
@@ -419,7 +264,7 @@ def preview(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_megap
               show_default=True, help="Output directory for shards, manifest, "
                                       "dataset_info.json; or a store URL (s3://bucket/shards): "
                                       "staged on this disk, each shard uploaded whole.")
-@_process_options
+@process_options
 @click.option("--format", "fmt", type=click.Choice(["jpeg", "png"]), default="jpeg",
               show_default=True, help="Encoding of the processed photos in the records.")
 @click.option("--split", "split_spec", default="train=0.8,val=0.1,test=0.1", show_default=True,
@@ -436,10 +281,10 @@ def preview(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_megap
                    "it is a URL.")
 @click.option("--source", "source_kind", type=click.Choice(["kaggle", "aptos", "folders", "csv"]),
               default=None, help="Source layout [default: detected].")
-@click.option("--labels", callback=_local_file_or_url, metavar="FILE|URL", default=None,
+@click.option("--labels", callback=local_file_or_url, metavar="FILE|URL", default=None,
               help="Labels CSV for any layout (photos matched by file name).")
 @click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
-              callback=_storage_options,
+              callback=key_value_pairs,
               help="An fsspec option for URLs (e.g. endpoint_url=http://minio:9000, "
                    "anon=true); repeatable. Credentials come from the environment or the "
                    "instance's role and are never stored.")
@@ -454,7 +299,8 @@ def preview(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_megap
               help="Read photos through symlinks (of files or folders) that lead outside "
                    "--src [default: rejected outside_source].")
 @click.option("--strict", is_flag=True, help="Fail (exit 1) if any photo is rejected.")
-@click.option("--min-quality", callback=_min_quality, default=None, metavar="usable|good|SCORE",
+@click.option("--min-quality", callback=min_quality_score, default=None,
+              metavar="usable|good|SCORE",
               help="Reject photos whose gradability score (docs/QUALITY.md) is under this, as "
                    "ungradable, with the measures in the reason [default: record the quality, "
                    "reject nothing for it].")
@@ -483,25 +329,14 @@ def preprocess(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_me
     files (features.json; dataset_info.json, written last), so that
     tfds.builder_from_directory opens the output (docs/FORMAT.md).
     """
-    import dataclasses
-
     from tqdm import tqdm
 
-    from pipeline import storage
     from pipeline.job import JobConfig, JobError, LockHeld, RunOptions
-    from pipeline.job import run as run_job
-    from pipeline.remote_out import run_to_store
-    from pipeline.sources import LabelError, SourceError
-    from pipeline.split import parse_split_spec
+    from pipeline.preprocess import SUMMARY_KEYS, short_summary, summary_lines
+    from pipeline.preprocess import preprocess as run_preprocess
 
     storage.configure(storage_options)
-    if storage.is_url(out):
-        run_job = run_to_store  # noqa: F811 - staged here, uploaded shard by shard
-
-    try:
-        ratios = parse_split_spec(split_spec)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--split") from None
+    ratios = split_ratios(split_spec)
     # Before --out is created: a typo leaves nothing behind. (A store URL is checked when
     # listed; a file may be one .zip.)
     if not storage.is_url(src) and not Path(src).exists():
@@ -511,94 +346,37 @@ def preprocess(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_me
                            outputs.json_has_keys(SUMMARY_KEYS),
                            [p for p in (src, labels) if p and not storage.is_url(p)])
     cfg = JobConfig(src=str(src), out=str(out),
-                    process=dataclasses.replace(make_process_config(
-                        size, filter_, quality, clahe_clip, clahe_tiles, max_megapixels,
-                        min_side, fmt, max_file_mb), min_quality=min_quality),
+                    process=process_config(size, filter_, quality, clahe_clip, clahe_tiles,
+                                           max_megapixels, min_side, max_file_mb, fmt,
+                                           min_quality),
                     split=ratios, seed=seed, shard_size_mb=shard_size,
                     source_kind=source_kind, labels=str(labels) if labels else None,
                     id_col=id_col, label_col=label_col, patient_col=patient_col, limit=limit,
                     follow_links=follow_links)
     opts = RunOptions(workers=workers, scheduler=scheduler, strict=strict,
                       overwrite=overwrite, quiet=quiet)
-
     terminal = sys.stdout.isatty()  # a scheduler's log: no bar, a one-line summary
 
     def bar(total, initial):
         return tqdm(total=total, initial=initial, unit="photo", desc="preprocess",
                     disable=True if quiet or not terminal else None, smoothing=0.1)
-    import time
 
-    started, status, summary = time.time(), 1, None
+    def show(summary):
+        for line in (summary_lines if terminal else short_summary)(summary, out):
+            click.echo(line)
+
     try:
-        try:
-            summary = run_job(cfg, opts, progress_factory=bar)
-        except KeyboardInterrupt:
-            status = 130
-            raise Interrupted(f"interrupted; what was committed to {out} is kept (re-run the "
-                              "same command to resume)") from None
-        except LockHeld as e:
-            status = 75
-            raise Busy(f"skipped: {e}") from None
-        except (LabelError, SourceError) as e:
-            status = 3
-            raise InputDataError(str(e)) from None
-        except JobError as e:
-            raise DrpipeError(str(e)) from None
-        if summary_json:
-            try:
-                summary_json.write_text(json.dumps(summary, indent=2) + "\n")
-            except OSError as e:
-                raise DrpipeError(f"cannot write --summary-json {summary_json}: "
-                                  f"{e.strerror or e} (the run itself is complete)") from None
-        if not quiet:
-            (_print_summary if terminal else _print_short_summary)(summary, out)
-        if not summary["ok"]:  # nothing to train on is a failed run, never a silent exit 0
-            reasons = ", ".join(f"{k} {v}" for k, v in summary["rejected_by_reason"].items())
-            raise DrpipeError(f"no usable photo: {summary['photos']} found, "
-                              f"{summary['rejected']} rejected ({reasons or 'none'}; see "
-                              f"{out}/data_manifest.csv)")
-        if strict and summary["rejected"]:
-            raise DrpipeError(f"--strict: {summary['rejected']} photo(s) rejected "
-                              f"(reasons in {out}/data_manifest.csv)")
-        status = 0
-    finally:
-        if not storage.is_url(out):
-            from pipeline.versions import history_entry
-
-            history_entry(out, status, summary, started)
-
-
-def _print_short_summary(s: dict, out) -> None:
-    """One line for a scheduler's log."""
-    c = s.get("changes") or {}
-    what = ("no change" if s.get("already_complete") else
-            ", ".join(f"{v} {k}" for k, v in c.items() if v) or "no photo changed")
-    click.echo(f"{out}: version {s.get('version', 1)}: {s['ok']} of {s['photos']} photos in "
-               f"{sum(s['shards'].values())} shards ({what}; {s['rejected']} rejected; "
-               + ("already complete)" if s.get("already_complete") else
-                  f"{s['timings']['total_s']:.1f} s)"))
-
-
-def _print_summary(s: dict, out) -> None:
-    if s.get("already_complete"):
-        click.echo(f"{out}: already complete ({s['ok']} photos in "
-                   f"{sum(s['shards'].values())} shards); nothing to do")
-        return
-    n_shards = sum(s["shards"].values())
-    click.echo(f"{s['ok']} of {s['photos']} photos written to {n_shards} "
-               f"shard{'s' if n_shards != 1 else ''} in {out}/ ({s['timings']['total_s']:.1f} s"
-               + (f", {s['photos_per_s']:.1f} photos/s" if s.get("photos_per_s") else "") + ")")
-    for split, grades in s["counts"].items():
-        click.echo(f"  {split:>6}: {sum(grades):6d} photos, grades 0-4: "
-                   + " / ".join(map(str, grades)))
-    if s["rejected"]:
-        reasons = ", ".join(f"{k} {v}" for k, v in s["rejected_by_reason"].items())
-        click.echo(f"  rejected {s['rejected']}: {reasons} (see {out}/data_manifest.csv)")
-    if s["labels_without_photo"]:
-        click.echo(f"  labels without a photo: {s['labels_without_photo']}")
-    if s["duplicates"]:
-        click.echo(f"  identical files under different ids: {s['duplicates']} "
-                   "(column duplicate_of)")
+        run_preprocess(cfg, opts, summary_json, progress_factory=bar,
+                       show=None if quiet else show)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; what was committed to {out} is kept (re-run the "
+                          "same command to resume)") from None
+    except LockHeld as e:
+        raise Busy(f"skipped: {e}") from None
+    except (LabelError, SourceError) as e:
+        raise InputDataError(str(e)) from None
+    except JobError as e:
+        raise DrpipeError(str(e)) from None
 
 
 @main.command()
@@ -626,72 +404,19 @@ def split(labels, id_col, label_col, patient_col, split_spec, seed, out, previou
     incremental preprocess run, every earlier patient stays in its split and new patients
     are assigned from the current counts.
     """
-    import csv
-    import io
-
-    from pipeline.outputs import csv_cell
-    from pipeline.sources import LabelError, read_labels
-    from pipeline.split import assign_splits, parse_split_spec
-    from tfrecord_writer.writer import atomic_write_bytes
-
+    ratios = split_ratios(split_spec)
     try:
-        ratios = parse_split_spec(split_spec)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--split") from None
-    try:
-        rows = [r for path in labels for r in read_labels(path, id_col, label_col, patient_col)]
+        plan = plan_split(labels, ratios, seed, out, id_col, label_col, patient_col, previous)
     except LabelError as e:
         raise InputDataError(str(e)) from None
-    header = ["image", "patient_id", "eye", "label", "split"]
-    # Never replace a file drpipe split did not write (--out trainLabels.csv would lose the
-    # labels): an existing --out must be a previous split plan.
-    if out.exists():
-        try:
-            with open(out, newline="", encoding="utf-8") as f:
-                first = next(csv.reader(f), None)
-        except (OSError, UnicodeDecodeError):
-            first = None
-        if first != header or out.resolve() == labels.resolve():
-            raise click.BadParameter(f"{out} exists and is not a drpipe split plan; "
-                                     "choose another --out", param_hint="--out")
-    keep = None
-    if previous is not None:
-        try:
-            with open(previous, newline="", encoding="utf-8") as f:
-                plan = list(csv.DictReader(f))
-        except (OSError, UnicodeDecodeError) as e:
-            raise InputDataError(f"cannot read --previous {previous}: {e}") from None
-        if not plan or not {"patient_id", "split"} <= set(plan[0]):
-            raise InputDataError(f"--previous {previous} is not a drpipe split plan "
-                                 "(no patient_id and split columns)")
-        keep = {r["patient_id"].removeprefix("'"): r["split"] for r in plan}
-    try:
-        assignment = assign_splits([(r.image_id, r.patient_id, r.label) for r in rows], ratios,
-                                   seed, keep=keep)
+    except NotAPlan as e:
+        raise click.BadParameter(str(e), param_hint="--out") from None
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--split") from None
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    for r in sorted(rows, key=lambda r: r.image_id):
-        w.writerow([csv_cell(r.image_id), csv_cell(r.patient_id), r.eye, r.label,
-                    assignment[r.image_id]])
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out, buf.getvalue().encode())
-    except OSError as e:
-        raise DrpipeError(f"cannot write {out}: {e.strerror or e}") from None
-    total = [sum(1 for r in rows if r.label == g) for g in range(5)]
-    click.echo(f"{len(rows)} photos of {len({r.patient_id for r in rows})} patients -> {out}")
-    for name in ratios:
-        c = [sum(1 for r in rows if r.label == g and assignment[r.image_id] == name)
-             for g in range(5)]
-        share = " ".join(f"{100 * a / max(sum(c), 1):5.1f}%" for a in c)
-        click.echo(f"  {name:>6}: {sum(c):6d} photos, grades 0-4: "
-                   + " / ".join(map(str, c)) + f"  ({share})")
-    whole = " ".join(f"{100 * a / max(sum(total), 1):5.1f}%" for a in total)
-    click.echo(f"  {'all':>6}: {sum(total):6d} photos, grades 0-4: "
-               + " / ".join(map(str, total)) + f"  ({whole})")
+    except PlanWriteError as e:
+        raise DrpipeError(str(e)) from None
+    for line in plan.lines():
+        click.echo(line)
 
 
 def _int_list(ctx, param, value):
@@ -1193,26 +918,15 @@ def report(data, runs, out, examples):
     """One self-contained HTML page: preprocessing settings, grades per split, rejection
     reasons, processed examples per grade, and for each --run its training curves,
     confusion matrix, kappa and per-grade scores. Opens offline; nothing to fetch."""
-    from drpipe.report import ReportError, build, write
-
     _check_replaceable(out, "--out", "a drpipe report", outputs.text_starts_with(
         "<title>drpipe report"), [*runs, data] if data else runs)
-    if data is None:
-        data = Path("shards")
-        if runs:
-            cfg = json.loads((runs[0] / "config.json").read_text()) if (
-                runs[0] / "config.json").exists() else {}
-            data = Path(cfg.get("data", data))
-    if not (data / "dataset_info.json").exists():
-        raise MissingInputError(f"{data}: no drpipe shards here (no dataset_info.json); "
-                                "give --data")
     try:
-        page = build(data, runs, per_grade=examples)
+        made = make_report(data, runs, out, per_grade=examples)
+    except NoShards as e:
+        raise MissingInputError(str(e)) from None
     except ReportError as e:
         raise DrpipeError(str(e)) from None
-    write(page, out)
-    click.echo(f"{out} ({len(page.encode()) / 1e6:.1f} MB): {data}"
-               + (f" and {len(runs)} run(s)" if runs else ""))
+    click.echo(made.summary())
 
 
 # Modules of the drpipe[train] extra: a command that needs one says what to install (exit 2).
@@ -1222,11 +936,7 @@ TRAIN_MODULES = {"tensorflow", "keras", "tensorboard", "ai_edge_litert", "tf_ker
 def run() -> None:
     """Entry point with a last-resort guard: a bug prints one line, not a traceback
     (DRPIPE_DEBUG=1 shows it)."""
-    import os
-
-    from drpipe.tflogs import install
-
-    install()  # TensorFlow's native start-up lines hidden unless DRPIPE_TF_LOGS=1
+    quiet_tf_logs()  # TensorFlow's native start-up lines hidden unless DRPIPE_TF_LOGS=1
     try:
         main(standalone_mode=True)
     except Exception as e:  # noqa: BLE001

@@ -1,13 +1,22 @@
-"""Before/after contact sheets: how a user checks a configuration before a ten-hour run."""
+"""Before/after contact sheets: how a user checks a configuration before a ten-hour run.
+
+    preview(src, out, config) -> PreviewResult  # what drpipe preview does
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import cv2
 import numpy as np
 
-from pipeline.process import Prepared, Rejection
+from pipeline.encode import encode
+from pipeline.outputs import check_not_an_input, foreign_names, record_names, unique_names
+from pipeline.process import Prepared, ProcessConfig, Rejection, prepare_or_reject, read_photo
+from pipeline.sources import expand_photo_paths
+from tfrecord_writer.writer import atomic_write_bytes
 
 CELL = 256  # px per image in the sheet
 CAPTION = 22
@@ -91,16 +100,75 @@ def plan_outputs(out, files) -> tuple[str, list[str]]:
     """(contact sheet name, one output name per photo). Never a name of another output of
     this run (photos sharing a stem get ``{stem}~2.jpeg``), and never the name of a file in
     ``out`` that no preview wrote (it gets the next free name instead)."""
-    from pathlib import Path
-
-    from pipeline.outputs import foreign_names, unique_names
-
     foreign = foreign_names(Path(out), RECORD)
     sheet = unique_names([Path(SHEET)], "{stem}.jpeg", reserved=foreign)[0]
     return sheet, unique_names(files, "{stem}.jpeg", reserved=(*foreign, sheet))
 
 
 def record_outputs(out, names: list[str]) -> None:
-    from pipeline.outputs import record_names
-
     record_names(out, RECORD, names)
+
+
+# ---------------------------------------------------------------- drpipe preview
+
+
+class NoPhotos(ValueError):
+    """The sources hold no photo (a usage error)."""
+
+
+@dataclass
+class PreviewResult:
+    out: Path
+    files: list[Path]  # the photos, in order
+    names: list[str]  # the output name of each photo
+    sheet: str  # the contact sheet's name in out
+    entries: list[SheetEntry] = field(default_factory=list)
+    written: list[str] = field(default_factory=list)
+    rejected: list[tuple[Path, Rejection]] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        """What drpipe preview prints: counts, renamed outputs, verdicts, rejections."""
+        out = self.out
+        ok = len(self.files) - len(self.rejected)
+        lines = [f"processed {ok} of {len(self.files)} photos into {out}/ "
+                 f"(contact sheet: {out / self.sheet})"]
+        lines += [f"  {p} -> {out / n} (its name was taken)"
+                  for p, n in zip(self.files, self.names, strict=True)
+                  if n != f"{p.stem}.jpeg" and n in self.written]
+        verdicts = [e.result.quality.verdict for e in self.entries
+                    if hasattr(e.result, "image")]
+        if verdicts:
+            lines.append("quality: " + ", ".join(f"{v} {verdicts.count(v)}"
+                                                 for v in ("good", "usable", "reject")))
+        if self.rejected:
+            lines.append(f"rejected {len(self.rejected)}:")
+            lines += [f"  {path}: {rej}" for path, rej in self.rejected]
+        return lines
+
+
+def preview(src: Iterable[Path], out: Path, cfg: ProcessConfig, limit: int | None = None,
+            progress: Callable[[list], Iterable] = iter) -> PreviewResult:
+    """Process the photos of ``src`` (files or folders; at most ``limit``) in this process:
+    ``out/{id}.jpeg`` each and a contact sheet. ``progress`` wraps the list of photos (a
+    progress bar). NoPhotos without photos; OutputRefused when ``out`` is (in) a source."""
+    src = list(src)
+    files = expand_photo_paths(src)[:limit]
+    if not files:
+        raise NoPhotos("no photos found in " + ", ".join(map(str, src)))
+    check_not_an_input(out, src)
+    out.mkdir(parents=True, exist_ok=True)
+    sheet_name, names = plan_outputs(out, files)
+    r = PreviewResult(out, files, names, sheet_name)
+    for path, name in zip(progress(files), names, strict=True):
+        data = read_photo(path, cfg.max_bytes)
+        result = data if isinstance(data, Rejection) else prepare_or_reject(data, cfg)
+        if hasattr(result, "image"):
+            record_outputs(out, [name])  # before the write: a kill leaves it ours
+            atomic_write_bytes(out / name, encode(result.image, "jpeg", cfg.quality))
+            r.written.append(name)
+        else:
+            r.rejected.append((path, result))
+        r.entries.append(SheetEntry(path.stem, result))
+    record_outputs(out, [sheet_name])
+    atomic_write_bytes(out / sheet_name, encode(contact_sheet(r.entries), "jpeg", 90))
+    return r

@@ -39,6 +39,21 @@ class ProcessConfig:
     # quality is recorded, nothing is rejected for it.
     min_quality: float | None = None
 
+    @classmethod
+    def from_options(cls, size: int = 512, filter_: str = "graham", quality: int = 95,
+                     clahe_clip: float = 2.0, clahe_tiles: int = 8,
+                     max_megapixels: float = 100.0, min_side: int = 128, fmt: str = "jpeg",
+                     max_file_mb: float = 256.0, min_quality: float | None = None
+                     ) -> ProcessConfig:
+        """The configuration from the command line's units (megapixels, MB); ValueError
+        (the reason) for an unknown filter."""
+        params = FilterParams(clahe_clip=clahe_clip, clahe_tiles=clahe_tiles)
+        get_filter(filter_, params)  # ValueError: unknown filter
+        return cls(size=size, filter=filter_, format=fmt, quality=quality,
+                   filter_params=params, max_pixels=round(max_megapixels * 1e6),
+                   min_side=min_side, max_bytes=round(max_file_mb * 2**20),
+                   min_quality=min_quality)
+
 
 @dataclass(frozen=True)
 class Rejection:

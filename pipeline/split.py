@@ -10,17 +10,26 @@ data.
 
     assign_splits(rows, {"train": 0.8, "val": 0.1, "test": 0.1}, seed=0) -> {image_id: split}
 
-``drpipe split`` (labels only) and ``drpipe preprocess`` call the same function on the same
-rows, so a split planned and audited from the labels file is the one the shards get.
+``drpipe split`` (labels only: :func:`plan_split`) and ``drpipe preprocess`` call the same
+function on the same rows, so a split planned and audited from the labels file is the one
+the shards get.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+
+from pipeline.outputs import csv_cell
+from pipeline.sources import LabelError, LabelRow, read_labels
+from tfrecord_writer.writer import atomic_write_bytes
 
 N_GRADES = 5
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -122,3 +131,98 @@ def assign_splits(rows: Iterable[tuple[str, str, int]], ratios: dict[str, float]
             size[s] += c.sum()
     return {image_id: names[choice[i]] for i, p in enumerate(pids)
             for image_id, _ in patients[p]}
+
+
+# ---------------------------------------------------------------- drpipe split: a plan file
+
+PLAN_HEADER = ["image", "patient_id", "eye", "label", "split"]
+
+
+class NotAPlan(ValueError):
+    """The plan's path holds a file that is not a drpipe split plan (never replaced)."""
+
+
+class PlanWriteError(RuntimeError):
+    """The plan could not be written (a one-line reason)."""
+
+
+def _grade_line(name: str, c: list[int]) -> str:
+    share = " ".join(f"{100 * a / max(sum(c), 1):5.1f}%" for a in c)
+    return (f"  {name:>6}: {sum(c):6d} photos, grades 0-4: " + " / ".join(map(str, c))
+            + f"  ({share})")
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    out: Path
+    rows: list[LabelRow]
+    ratios: dict[str, float]
+    assignment: dict[str, str]  # image id -> split
+
+    def counts(self, split: str | None = None) -> list[int]:
+        """Photos per grade in ``split`` (None: all)."""
+        return [sum(1 for r in self.rows if r.label == g
+                    and (split is None or self.assignment[r.image_id] == split))
+                for g in range(N_GRADES)]
+
+    def lines(self) -> list[str]:
+        """What drpipe split prints: photos and patients, then grades per split."""
+        rows = self.rows
+        return ([f"{len(rows)} photos of {len({r.patient_id for r in rows})} patients "
+                 f"-> {self.out}"]
+                + [_grade_line(name, self.counts(name)) for name in self.ratios]
+                + [_grade_line("all", self.counts())])
+
+
+def read_plan(path: Path) -> dict[str, str]:
+    """{patient_id: split} of an earlier plan; LabelError if it cannot be one."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            plan = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError) as e:
+        raise LabelError(f"cannot read --previous {path}: {e}") from None
+    if not plan or not {"patient_id", "split"} <= set(plan[0]):
+        raise LabelError(f"--previous {path} is not a drpipe split plan "
+                         "(no patient_id and split columns)")
+    return {r["patient_id"].removeprefix("'"): r["split"] for r in plan}
+
+
+def _is_plan(path: Path) -> bool:
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return next(csv.reader(f), None) == PLAN_HEADER
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def plan_split(labels: Iterable[Path], ratios: dict[str, float], seed: int, out: Path,
+               id_col: str = "image", label_col: str = "level", patient_col: str | None = None,
+               previous: Path | None = None) -> SplitPlan:
+    """``drpipe split``: assign the photos of ``labels`` (one or more CSVs) to splits and
+    write the plan to ``out`` (CSV: image, patient_id, eye, label, split). With ``previous``
+    (an earlier plan) its patients keep their split.
+
+    Raises LabelError (bad labels or previous plan), NotAPlan (``out`` is a file no plan
+    wrote, or one of the labels), ValueError (``ratios`` cannot be met), PlanWriteError."""
+    labels = [Path(p) for p in labels]
+    rows = [r for path in labels for r in read_labels(path, id_col, label_col, patient_col)]
+    # Never replace a file drpipe split did not write (--out trainLabels.csv would lose the
+    # labels): an existing --out must be a previous split plan.
+    if out.exists() and (not _is_plan(out)
+                         or out.resolve() in {p.resolve() for p in labels}):
+        raise NotAPlan(f"{out} exists and is not a drpipe split plan; choose another --out")
+    keep = read_plan(previous) if previous is not None else None
+    assignment = assign_splits([(r.image_id, r.patient_id, r.label) for r in rows], ratios,
+                               seed, keep=keep)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(PLAN_HEADER)
+    for r in sorted(rows, key=lambda r: r.image_id):
+        w.writerow([csv_cell(r.image_id), csv_cell(r.patient_id), r.eye, r.label,
+                    assignment[r.image_id]])
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out, buf.getvalue().encode())
+    except OSError as e:
+        raise PlanWriteError(f"cannot write {out}: {e.strerror or e}") from None
+    return SplitPlan(out, rows, ratios, assignment)

@@ -263,8 +263,8 @@ def test_min_quality_at_train_and_evaluate_time(runs):
 
 
 def test_report_shows_quality_per_split_and_grade_and_examples(runs):
-    from drpipe.quality_report import quality_table
-    from drpipe.report import build, read_manifest
+    from reporting.quality import quality_table
+    from reporting.report import build, read_manifest
 
     manifest = read_manifest(runs["all"])
     header, table = quality_table(manifest)

@@ -117,3 +117,26 @@ def test_split_cli_bad_label_exit_3(tmp_path):
     assert r.returncode == 3
     assert r.stderr.strip() == (f"drpipe: error: {f}: line 3: level '7' for '1_right' "
                                 "is not a grade 0-4")
+
+
+def test_plan_split_replaces_only_an_earlier_plan(tmp_path, sample_dir):
+    """Re-planning over an earlier plan replaces it (it crashed with an internal error on a
+    tuple of --labels); a labels file is never replaced, even when it holds a plan's header."""
+    from pipeline.split import PLAN_HEADER, NotAPlan, plan_split
+
+    labels = sample_dir / "trainLabels.csv"
+    out = tmp_path / "plan.csv"
+    first = plan_split([labels], {"train": 0.8, "val": 0.1, "test": 0.1}, 0, out)
+    assert [r[-1] for r in csv.reader(open(out))][1:] == [
+        first.assignment[r.image_id] for r in sorted(first.rows, key=lambda r: r.image_id)]
+    second = plan_split([labels], {"a": 0.5, "b": 0.5}, 1, out)
+    rows = list(csv.DictReader(open(out)))
+    assert len(rows) == 31 and {r["split"] for r in rows} == {"a", "b"}
+    assert second.lines()[0] == f"31 photos of 18 patients -> {out}"
+    assert second.lines()[-1].startswith("     all:     31 photos, grades 0-4: 10 / 5 / 5 / 6 / 5")
+    own = tmp_path / "own.csv"  # a plan-shaped labels file given as its own --out
+    own.write_text(",".join(PLAN_HEADER) + "\n1_left,1,left,0,train\n")
+    before = own.read_bytes()
+    with pytest.raises(NotAPlan, match="is not a drpipe split plan"):
+        plan_split([own], {"train": 1.0}, 0, own, label_col="label")
+    assert own.read_bytes() == before

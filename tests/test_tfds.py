@@ -254,7 +254,7 @@ def test_previous_format_still_loads(jpeg_out, synth_dir, tmp_path):
     old = _previous_format(jpeg_out, tmp_path / "old")
     info = load_info(old)
     assert info == load_info(jpeg_out) and "drpipe_version" in info
-    from drpipe.report import build
+    from reporting.report import build
     from training.data import split_counts, stored_image
     from training.fit import TrainConfig, TrainError, train
     from training.predict import process_config_of

@@ -18,7 +18,6 @@ with everything trainable at --fine-tune-lr.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import math
@@ -28,6 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
+from reporting.plots import (
+    plot_confusion,
+    plot_history,
+    read_history,  # noqa: F401 - imported from here by training/tune.py
+)
 from tfrecord_writer.info import has_info, load_info
 from training import metrics as M
 from training import runs
@@ -497,71 +501,6 @@ def load_config(run: str | Path) -> TrainConfig:
     d = runs.read_config(run)
     d.pop(runs.DATA_KEY, None)
     return TrainConfig(**_tuples(d))
-
-
-def read_history(run: Path) -> list[dict]:
-    """history.csv as rows, one per epoch (a row repeated by a crash-resume kept once)."""
-    if not (run / "history.csv").exists():
-        return []
-    rows = {}
-    for row in csv.DictReader(open(run / "history.csv")):
-        rows[int(row["epoch"])] = row
-    return [rows[k] for k in sorted(rows)]
-
-
-def plot_history(run: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_history(run)
-    if not rows:
-        return
-    epochs = [int(r["epoch"]) + 1 for r in rows]
-    panels = [("loss", ["loss", "val_loss"]), ("quadratic kappa", ["val_kappa"]),
-              ("accuracy / AUC / MAE", [k for k in ("accuracy", "val_accuracy", "auc",
-                                                    "val_auc", "mae", "val_mae")
-                                        if k in rows[0]])]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for ax, (title, keys) in zip(axes, panels, strict=True):
-        for k in keys:
-            if k in rows[0]:
-                ax.plot(epochs, [float(r[k]) for r in rows], marker=".", label=k)
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(run.name)
-    fig.tight_layout()
-    fig.savefig(run / "training_curves.png", dpi=100)
-    plt.close(fig)
-
-
-def plot_confusion(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    m = np.asarray(result["confusion_matrix"])
-    fig, ax = plt.subplots(figsize=(5, 4.4))
-    ax.imshow(m, cmap="Blues")
-    for i in range(m.shape[0]):
-        for j in range(m.shape[1]):
-            ax.text(j, i, str(m[i, j]), ha="center", va="center",
-                    color="white" if m[i, j] > m.max() / 2 else "black")
-    labels = ["no", "yes"] if m.shape[0] == 2 else list(range(m.shape[0]))
-    ax.set_xticks(range(m.shape[1]), labels)
-    ax.set_yticks(range(m.shape[0]), labels)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    kappa = result.get("quadratic_kappa")
-    ax.set_title(f"{result.get('split', '')}: kappa {kappa:.3f}" if kappa is not None
-                 else str(result.get("split", "")))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def _rmtree(p: Path) -> None:

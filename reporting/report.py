@@ -6,104 +6,53 @@ opened offline. No TensorFlow: shards are read with the package's own record rea
 
 Sections: the preprocessing settings; photos per grade per split (table and chart);
 rejections by reason with example files; quality verdicts per split and grade with example
-photos per verdict (drpipe/quality_report.py); a grid of processed examples per grade; then for
+photos per verdict (reporting/quality.py); a grid of processed examples per grade; then for
 each run: its settings, training curves, confusion matrix, kappa and per-grade scores.
+
+    make_report(data, runs, out)  # what drpipe report does: infer data, build, write
 """
 
 from __future__ import annotations
 
-import base64
 import csv
-import html
 import io
 import json
-import os
 import time
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from drpipe.quality_report import quality_section
-from tfrecord_writer.example import parse_example, read_records
+from reporting.page import esc as _esc
+from reporting.page import example_row, f3, figure, stored_examples, table
+from reporting.plots import (
+    COLORS,
+    GRADES,
+    data_uri,
+    grade_chart,
+    plot_confusion,
+    plot_history,
+    read_history,
+    rejection_chart,
+)
+from reporting.quality import quality_section
 from tfrecord_writer.info import has_info, load_info
-
-GRADES = ["0 no DR", "1 mild", "2 moderate", "3 severe", "4 proliferative"]
-COLORS = ["#4c78a8", "#72b7b2", "#eeca3b", "#f58518", "#e45756"]
+from tfrecord_writer.writer import atomic_write_bytes
+from training import runs as run_dirs
 
 
 class ReportError(RuntimeError):
     """A one-line reason the report cannot be made."""
 
 
-def _png(fig) -> str:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+class NoShards(ReportError):
+    """The data directory holds no drpipe output (a missing input, not a failed run)."""
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _esc(v) -> str:
-    return html.escape(str(v))
-
-
-def _f3(v) -> str:
-    """A score as 0.123, or (a file edited by hand) the value itself, escaped."""
-    try:
-        return f"{float(v):.3f}"
-    except (TypeError, ValueError):
-        return _esc(v)
-
-
-def _table(header: list, rows: list[list], cls: str = "") -> str:
-    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
-
-
-def _figure(src: str, caption: str, fig_id: str) -> str:
-    return (f'<figure id="{_esc(fig_id)}"><img src="{_esc(src)}" alt="{_esc(caption)}">'
-            f"<figcaption>{_esc(caption)}</figcaption></figure>")
+def no_shards(data) -> NoShards:
+    return NoShards(f"{data}: no drpipe shards here (no dataset_info.json); give --data")
 
 
 # ---------------------------------------------------------------- dataset sections
-
-
-def grade_chart(counts: dict[str, list[int]]) -> str:
-    plt = _pyplot()
-    splits = list(counts)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
-    left = np.zeros(len(splits))
-    for g in range(5):
-        vals = np.array([counts[s][g] for s in splits], float)
-        axes[0].barh(splits, vals, left=left, color=COLORS[g], label=GRADES[g])
-        left += vals
-    axes[0].set_xlabel("photos")
-    axes[0].invert_yaxis()
-    axes[0].set_title("photos per grade")
-    left = np.zeros(len(splits))
-    for g in range(5):
-        vals = np.array([100 * counts[s][g] / max(sum(counts[s]), 1) for s in splits])
-        axes[1].barh(splits, vals, left=left, color=COLORS[g], label=GRADES[g])
-        left += vals
-    axes[1].set_xlabel("% of the split")
-    axes[1].invert_yaxis()
-    axes[1].set_xlim(0, 100)
-    axes[1].set_title("grade shares (stratified splits look alike)")
-    axes[1].legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
-    fig.tight_layout()
-    return _png(fig)
 
 
 def read_manifest(data: Path) -> list[dict]:
@@ -125,69 +74,39 @@ def rejection_section(manifest: list[dict]) -> str:
         by[r["reason"].split(":")[0]].append(r)
     rows = [[reason, len(rs), "; ".join(f"{r['path']} ({r['reason']})" for r in rs[:3])]
             for reason, rs in sorted(by.items(), key=lambda kv: -len(kv[1]))]
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.2))
-    ax.barh([r[0] for r in rows], [r[1] for r in rows], color="#e45756")
-    ax.invert_yaxis()
-    ax.set_xlabel("photos")
-    ax.set_title(f"{len(rejected)} of {len(manifest)} photos rejected")
-    fig.tight_layout()
-    return (_figure(_png(fig), "rejected photos by reason", "fig-rejections")
-            + _table(["reason", "photos", "examples"], rows))
+    chart = rejection_chart([(r[0], r[1]) for r in rows], len(rejected), len(manifest))
+    return (figure(chart, "rejected photos by reason", "fig-rejections")
+            + table(["reason", "photos", "examples"], rows))
 
 
 def examples_by_grade(data: Path, splits: list[str], per_grade: int) -> dict[int, list[dict]]:
     """Up to ``per_grade`` stored records per grade, from the splits in order."""
-    found: dict[int, list[dict]] = {g: [] for g in range(5)}
-    for split in splits:
-        for shard in sorted(data.glob(f"{split}-*-of-*.tfrecord")):
-            for rec in read_records(shard):
-                ex = parse_example(rec)
-                g = int(ex["image/class/label"])
-                if len(found[g]) < per_grade:
-                    found[g].append(ex)
-            if all(len(v) >= per_grade for v in found.values()):
-                return found
-    return found
+    return stored_examples(data, splits, range(5), lambda ex: int(ex["image/class/label"]),
+                           per_grade)
 
 
 def examples_section(examples: dict[int, list[dict]]) -> str:
-    rows = []
-    for g in range(5):
-        cells = []
-        for ex in examples[g]:
-            fmt = ex["image/format"].decode()
-            src = (f"data:image/{'jpeg' if fmt == 'jpeg' else 'png'};base64,"
-                   + base64.b64encode(ex["image/encoded"]).decode("ascii"))
-            name = ex["image/id"].decode()
-            cells.append(f'<div class="ex"><img class="example" src="{src}" alt="{_esc(name)}">'
-                         f"<span>{_esc(name)}</span></div>")
-        body = "".join(cells) or '<span class="none">no photo of this grade</span>'
-        rows.append(f'<div class="grade-row"><h3 style="border-color:{COLORS[g]}">'
-                    f"grade {_esc(GRADES[g])}</h3><div class=\"grid\">{body}</div></div>")
-    return "".join(rows)
+    return "".join(example_row(f"grade {_esc(GRADES[g])}", COLORS[g], examples[g], "example",
+                               "no photo of this grade") for g in range(5))
 
 
 # ---------------------------------------------------------------- run sections
 
 
 def run_section(run: Path, index: int) -> str:
-    from training.fit import plot_history, read_history
-
     try:
-        cfg = json.loads((run / "config.json").read_text())
-    except FileNotFoundError:
-        raise ReportError(f"{run}: not a drpipe run (no config.json)") from None
+        cfg = run_dirs.read_config(run)
+    except run_dirs.RunError as e:
+        raise ReportError(str(e)) from None
     keys = ["model", "task", "image_size", "epochs", "fine_tune_epochs", "batch_size", "lr",
             "optimizer", "balance", "augment", "freeze", "weights", "seed", "data", "min_quality"]
     parts = [f'<h2 id="run-{index}">Run {_esc(run.name)}</h2>',
-             _table(["setting", "value"], [[k, cfg.get(k)] for k in keys if k in cfg], "kv")]
+             table(["setting", "value"], [[k, cfg.get(k)] for k in keys if k in cfg], "kv")]
     if read_history(run):
         if not (run / "training_curves.png").exists():
             plot_history(run)
-        src = "data:image/png;base64," + base64.b64encode(
-            (run / "training_curves.png").read_bytes()).decode("ascii")
-        parts.append(_figure(src, f"training curves of {run.name}", f"fig-curves-{index}"))
+        src = data_uri((run / "training_curves.png").read_bytes(), "png")
+        parts.append(figure(src, f"training curves of {run.name}", f"fig-curves-{index}"))
     else:
         parts.append("<p>No training history yet (history.csv).</p>")
     evaluated = sorted(run.glob("metrics-*.json"))
@@ -202,29 +121,27 @@ def run_section(run: Path, index: int) -> str:
 
 
 def metrics_block(m: dict, fig_id: str) -> str:
-    from training.fit import plot_confusion
-
     buf = io.BytesIO()
     try:  # a hand-edited metrics file: the plot shows what is a number
         kappa = float(m.get("quadratic_kappa"))
     except (TypeError, ValueError):
         kappa = None
     plot_confusion({**m, "quadratic_kappa": kappa}, buf)
-    src = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    src = data_uri(buf.getvalue(), "png")
     head = (f"<h3>{_esc(m.get('split', ''))} split: n = {_esc(m.get('n'))}, quadratic kappa "
-            f"<b>{_f3(m['quadratic_kappa'])}</b>, accuracy {_f3(m['accuracy'])}")
+            f"<b>{f3(m['quadratic_kappa'])}</b>, accuracy {f3(m['accuracy'])}")
     if "majority_baseline_accuracy" in m:
-        head += f" (always the majority grade: {_f3(m['majority_baseline_accuracy'])})"
+        head += f" (always the majority grade: {f3(m['majority_baseline_accuracy'])})"
     if "auc" in m:
-        head += (f", AUC {_f3(m['auc'])}, sensitivity {_f3(m['sensitivity'])}, "
-                 f"specificity {_f3(m['specificity'])}")
+        head += (f", AUC {f3(m['auc'])}, sensitivity {f3(m['sensitivity'])}, "
+                 f"specificity {f3(m['specificity'])}")
     head += "</h3>"
-    out = head + _figure(src, f"confusion matrix, {m.get('split', '')}", f"fig-confusion-{fig_id}")
+    out = head + figure(src, f"confusion matrix, {m.get('split', '')}", f"fig-confusion-{fig_id}")
     pc = m.get("per_class")
     if pc:
-        out += _table(["grade", "precision", "recall", "F1", "photos"],
-                      [[GRADES[g], _f3(pc['precision'][g]), _f3(pc['recall'][g]),
-                        _f3(pc['f1'][g]), pc["support"][g]] for g in range(5)])
+        out += table(["grade", "precision", "recall", "F1", "photos"],
+                     [[GRADES[g], f3(pc['precision'][g]), f3(pc['recall'][g]),
+                       f3(pc['f1'][g]), pc["support"][g]] for g in range(5)])
     return out
 
 
@@ -253,7 +170,7 @@ def build(data: str | Path, runs: list[str | Path] = (), per_grade: int = 8,
           example_splits: tuple[str, ...] | None = None) -> str:
     data = Path(data)
     if not has_info(data):
-        raise ReportError(f"{data}: no drpipe shards here (no dataset_info.json); give --data")
+        raise no_shards(data)
     info = load_info(data)
     counts: dict[str, list[int]] = info["counts"]
     proc = info["config"]["process"]
@@ -290,12 +207,12 @@ def build(data: str | Path, runs: list[str | Path] = (), per_grade: int = 8,
         + (f" of {patients} patients" if patients else "")
         + (f", {sum(reasons.values())} rejected" if manifest else "") + "</p>",
         "<nav>" + "".join(nav) + "</nav>",
-        '<h2 id="data">Data</h2>', _table(["setting", "value"], settings, "kv"),
-        _table(["split", *GRADES, "photos", "% per grade"], count_rows),
-        _figure(grade_chart(counts), "grade distribution per split", "fig-grades"),
+        '<h2 id="data">Data</h2>', table(["setting", "value"], settings, "kv"),
+        table(["split", *GRADES, "photos", "% per grade"], count_rows),
+        figure(grade_chart(counts), "grade distribution per split", "fig-grades"),
         '<h2 id="rejections">Rejected photos</h2>', rejection_section(manifest),
         f'<h2 id="quality">Quality ({_esc(", ".join(splits))})</h2>',
-        quality_section(data, manifest, splits, per_grade, _esc, _table, _figure, _png, _pyplot),
+        quality_section(data, manifest, splits, per_grade),
         f'<h2 id="examples">Processed examples per grade ({_esc(", ".join(splits))})</h2>',
         examples_section(examples),
     ]
@@ -309,7 +226,42 @@ def build(data: str | Path, runs: list[str | Path] = (), per_grade: int = 8,
 def write(page: str, out: str | Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out)
+    atomic_write_bytes(out, page.encode("utf-8"))
     return out
+
+
+def infer_data(data: str | Path | None, runs=()) -> Path:
+    """The shards to report on: ``data``, else the first run's, else ./shards."""
+    if data is not None:
+        return Path(data)
+    if runs:
+        try:
+            cfg = run_dirs.read_config(runs[0])
+        except run_dirs.RunError:  # the run's own section says why it is not one
+            cfg = {}
+        return Path(cfg.get("data", "shards"))
+    return Path("shards")
+
+
+@dataclass(frozen=True)
+class Report:
+    out: Path
+    data: Path
+    size: int  # bytes of the page
+    runs: int
+
+    def summary(self) -> str:
+        return (f"{self.out} ({self.size / 1e6:.1f} MB): {self.data}"
+                + (f" and {self.runs} run(s)" if self.runs else ""))
+
+
+def make_report(data: str | Path | None, runs=(), out: str | Path = "report.html",
+                per_grade: int = 8) -> Report:
+    """``drpipe report``: the page about ``data`` (:func:`infer_data`) and ``runs``, written
+    to ``out``. NoShards without a drpipe output there; ReportError for a run it cannot show."""
+    data = infer_data(data, runs)
+    if not has_info(data):
+        raise no_shards(data)
+    page = build(data, runs, per_grade=per_grade)
+    write(page, out)
+    return Report(Path(out), data, len(page.encode()), len(runs))
