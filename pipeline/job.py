@@ -45,7 +45,7 @@ from pipeline.sources import Source, SourceError, detect_source
 from pipeline.split import assign_splits
 from tfrecord_writer import info as output_info
 from tfrecord_writer.example import serialize_example
-from tfrecord_writer.schema import FEATURES, Record
+from tfrecord_writer.schema import FEATURES, N_GRADES, Record
 from tfrecord_writer.writer import (
     TMP_SUFFIX,
     ShardWriter,
@@ -787,7 +787,8 @@ def _summary(rows, shards, config, n_photos, n_missing, peak_rss, tf_loaded, tim
     ok = [r for r in rows if r["status"] == "ok"]
     reasons = Counter(r["reason"].split(":")[0] for r in rows
                       if r["status"] == "rejected" and r.get("path"))  # photos only
-    counts = {s: [sum(1 for r in ok if r["split"] == s and r["label"] == g) for g in range(5)]
+    counts = {s: [sum(1 for r in ok if r["split"] == s and r["label"] == g)
+                  for g in range(N_GRADES)]
               for s in config.split}
     return {
         "photos": n_photos,

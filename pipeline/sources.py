@@ -28,8 +28,10 @@ import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tfrecord_writer.schema import N_GRADES
+
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".jfif", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp")
-GRADES = range(5)
+GRADES = range(N_GRADES)
 _EYE_NAME = re.compile(r"^(?P<patient>.+)_(?P<eye>left|right)$", re.IGNORECASE)
 
 

@@ -22,7 +22,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
-N_GRADES = 5
+from tfrecord_writer.schema import N_GRADES
+
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 

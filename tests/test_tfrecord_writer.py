@@ -141,6 +141,22 @@ def test_schema_rejects_unknown_and_missing_keys():
         serialize_example(f)
 
 
+def test_record_features_follow_the_schema():
+    """Record.features() is read off FEATURES: every key, each from its Record field."""
+    import dataclasses
+
+    r = dataclasses.replace(_record(label=2), quality_score=0.5, quality_label="good")
+    f = r.features()
+    assert list(f) == list(FEATURES)
+    assert f["image/id"] == "0_left" and f["image/patient_id"] == "0"
+    assert f["image/class/label"] == 2 and f["image/class/referable"] == 1
+    assert f["image/quality/score"] == 0.5 and f["image/quality/label"] == "good"
+    assert _record(label=1).features()["image/class/referable"] == 0
+    # every field of a Record is stored under some key
+    stored = {feature.field for feature in FEATURES.values()}
+    assert {fld.name for fld in dataclasses.fields(Record)} <= stored
+
+
 @pytest.mark.parametrize("sizes,target,expect_count", [
     ([100] * 10, 250, 4), ([100] * 10, 10_000, 1), ([100] * 3, 1, 3), ([], 100, 0)])
 def test_plan_shards(sizes, target, expect_count):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tfrecord_writer.schema import FEATURES
+from tfrecord_writer.schema import FEATURES, GRADE_NAMES
 from tfrecord_writer.writer import atomic_write_bytes
 
 INFO_FILE = "dataset_info.json"  # the TFDS DatasetInfo; the completion marker
@@ -42,7 +42,6 @@ TFDS_VERSION = "1.0.0"
 FILEPATH_TEMPLATE = "{SPLIT}-{SHARD_X_OF_Y}.{FILEFORMAT}"
 IMAGE_KEY = "image/encoded"
 LABEL_KEY = "image/class/label"
-GRADE_NAMES = ("no_dr", "mild", "moderate", "severe", "proliferative")
 
 _TFDS = "tensorflow_datasets.core.features."
 
