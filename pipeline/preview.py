@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
 
+from pipeline.outputs import foreign_names, record_names, unique_names
 from pipeline.process import Prepared, Rejection
 
 CELL = 256  # px per image in the sheet
@@ -91,16 +93,10 @@ def plan_outputs(out, files) -> tuple[str, list[str]]:
     """(contact sheet name, one output name per photo). Never a name of another output of
     this run (photos sharing a stem get ``{stem}~2.jpeg``), and never the name of a file in
     ``out`` that no preview wrote (it gets the next free name instead)."""
-    from pathlib import Path
-
-    from pipeline.outputs import foreign_names, unique_names
-
     foreign = foreign_names(Path(out), RECORD)
     sheet = unique_names([Path(SHEET)], "{stem}.jpeg", reserved=foreign)[0]
     return sheet, unique_names(files, "{stem}.jpeg", reserved=(*foreign, sheet))
 
 
 def record_outputs(out, names: list[str]) -> None:
-    from pipeline.outputs import record_names
-
     record_names(out, RECORD, names)

@@ -14,8 +14,10 @@ from __future__ import annotations
 import os
 import unicodedata
 
+from pipeline import sources as S
 from pipeline import storage
-from pipeline.archive import read_labels_as
+from pipeline.archive import _temp_file, _walk_order, detect_archive_source, read_labels_as
+from pipeline.job import JobError
 from pipeline.process import Rejection
 from pipeline.sources import GRADES, IMAGE_SUFFIXES, LabelError, SourceError
 
@@ -24,8 +26,6 @@ def detect_in_place(src, kind=None, labels=None, id_col="image", label_col="leve
                     patient_col=None):
     if not storage.is_url(str(src)) and not (labels and storage.is_url(str(labels))):
         return _detect(src, kind, labels, id_col, label_col, patient_col)
-    from pipeline.job import JobError
-
     try:
         return _detect(src, kind, labels, id_col, label_col, patient_col)
     except PermissionError as e:
@@ -37,8 +37,6 @@ def detect_in_place(src, kind=None, labels=None, id_col="image", label_col="leve
 
 
 def _detect(src, kind, labels, id_col, label_col, patient_col):
-    from pipeline.archive import detect_archive_source
-
     if labels is not None and storage.is_url(str(labels)):
         labels = _fetch_labels(str(labels))
     found = detect_archive_source(src, kind, labels, id_col, label_col, patient_col)
@@ -84,8 +82,6 @@ class StoreReader:
 
 def detect_store_folder(src: str, kind=None, labels=None, id_col="image", label_col="level",
                         patient_col=None):
-    from pipeline import sources as S
-
     listing = list_store(src)
     reader = StoreReader(src, listing)
     top = {p for p in listing if "/" not in p}
@@ -161,8 +157,6 @@ def _scan(listing: dict, prefix: str) -> dict[str, list[str]]:
     """{image id: [paths]} under ``prefix`` as :func:`pipeline.sources._scan` finds them in
     a local folder: os.walk order, hidden entries skipped, NFC ids, every file of an id kept
     (several are each rejected ``duplicate_id``)."""
-    from pipeline.archive import _walk_order
-
     found: dict[str, list[str]] = {}
     for path in sorted((p for p in listing if p.startswith(prefix)), key=_walk_order):
         parts = path[len(prefix):].split("/")
@@ -176,8 +170,6 @@ def _scan(listing: dict, prefix: str) -> dict[str, list[str]]:
 
 def _fetch_labels(url: str):
     """A labels file from the store, as a local file for :func:`read_labels` (small)."""
-    from pipeline.archive import _temp_file
-
     try:
         data = storage.read_all(url)
     except FileNotFoundError:

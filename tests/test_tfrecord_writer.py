@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import os
+import re
+from pathlib import Path
 
 import pytest
 
@@ -168,3 +171,34 @@ def test_plan_shards(sizes, target, expect_count):
         per = [sum(s for s, a in zip(sizes, plan, strict=True) if a == i)
                for i in range(expect_count)]
         assert max(per) - min(per) <= max(sizes)  # even
+
+
+def test_drpipe_version_from_metadata_or_pyproject(monkeypatch):
+    import importlib.metadata
+
+    from tfrecord_writer.info import drpipe_version
+
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    want = re.search(r'^version = "([^"]+)"', pyproject, re.M).group(1)
+    assert drpipe_version.__wrapped__() == importlib.metadata.version("drpipe")
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    assert drpipe_version.__wrapped__() == want  # a source tree without install metadata
+
+
+def test_the_pipeline_layers_import_no_upper_floor():
+    """pipeline/ and tfrecord_writer/ never import drpipe/, training/ or TensorFlow (one
+    deferred import: schema.tf_feature_spec, for the training reader)."""
+    root = Path(__file__).parents[1]
+    found = []
+    for path in sorted([*root.glob("pipeline/*.py"), *root.glob("tfrecord_writer/*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                if name.split(".")[0] in ("drpipe", "training", "tensorflow", "keras"):
+                    found.append(f"{path.relative_to(root)} {name}")
+    assert found == ["tfrecord_writer/schema.py tensorflow"]
