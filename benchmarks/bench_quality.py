@@ -12,8 +12,6 @@ JSON with ``--json``.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import statistics
@@ -21,23 +19,20 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's packages
+from benchmarks._common import SAMPLE, arguments, one_core, report  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--src", default=str(ROOT.parent / "shared/data/eyepacs-sample/train"))
+    ap = arguments(__doc__)
+    ap.add_argument("--src", default=str(SAMPLE / "train"))
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--size", type=int, default=512)
-    ap.add_argument("--json", default=None, help="write results here")
     args = ap.parse_args()
 
-    if hasattr(os, "sched_setaffinity"):  # one core, no OpenCV threads
-        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+    one_core()
     import cv2
 
-    cv2.setNumThreads(1)
     from pipeline import decode as dec
     from pipeline.quality import assess
     from pipeline.retina import crop_to_retina, find_retina
@@ -76,8 +71,7 @@ def main() -> None:
           f"{result['wall_ms_per_photo']:.3f} ms, worst photo "
           f"{result['worst_photo_cpu_ms']:.3f} ms), {len(crops)} photos x {args.rounds} rounds, "
           f"one core, load {result['load_avg_1min']}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    report(result, args.json, echo=False)
 
 
 if __name__ == "__main__":
