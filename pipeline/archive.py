@@ -493,14 +493,14 @@ def detect_archive_source(src, kind=None, labels=None, id_col="image", label_col
                               patient_col)
         files = {}
         for a in archives:
-            S._add(files, _members_by_id(a, ""), "")
+            S._add(files, photos_by_id(a.members, ""), "")
         return _with_archive(S._join(_root(src), "csv", files, rows), source)
     files, rows = {}, []
     for a, (_, origin, label_name, extra) in zip(archives, groups, strict=True):
         wanted = [(origin, label_name, extra)] if origin else [
             (o, n, e) for _, o, n, e in KAGGLE_ARCHIVES]
         for o, label_name_, extra_ in wanted:
-            found = _members_by_id(a, o + "/")
+            found = photos_by_id(a.members, o + "/")
             path = _find_labels(folder, listing, label_name_, a, storage_options)
             if path is None:
                 continue
@@ -527,15 +527,14 @@ def _with_archive(source, archive: ArchiveSource):
     return source
 
 
-def _members_by_id(archive: Archive, prefix: str) -> dict[str, list[str]]:
-    """{image id: [member names]} for photos under ``prefix`` (e.g. ``train/``), as
-    :func:`pipeline.sources._scan` finds them in an extracted folder (NFC ids; several
-    members of one id are each rejected ``duplicate_id``)."""
+def photos_by_id(names, prefix: str) -> dict[str, list[str]]:
+    """{image id: [names]} for the photos among ``names`` (``/``-separated paths: archive
+    members, objects in a store) under ``prefix`` (e.g. ``train/``), as
+    :func:`pipeline.sources._scan` finds them in a folder: os.walk order, hidden entries
+    skipped, NFC ids, every name of an id kept (several are each rejected ``duplicate_id``)."""
     found: dict[str, list[str]] = {}
-    for name in sorted(archive.members, key=_walk_order):
-        if not name.startswith(prefix):
-            continue
-        parts = name.split("/")
+    for name in sorted((n for n in names if n.startswith(prefix)), key=_walk_order):
+        parts = name[len(prefix):].split("/")
         if any(p.startswith(".") for p in parts):
             continue
         stem, ext = os.path.splitext(parts[-1])

@@ -11,15 +11,12 @@ on the client, and each worker reads its photos' bytes from the store itself
 
 from __future__ import annotations
 
-import os
-import unicodedata
-
 from pipeline import sources as S
 from pipeline import storage
-from pipeline.archive import _temp_file, _walk_order, detect_archive_source, read_labels_as
+from pipeline.archive import _temp_file, detect_archive_source, photos_by_id, read_labels_as
 from pipeline.job import JobError
 from pipeline.process import Rejection
-from pipeline.sources import GRADES, IMAGE_SUFFIXES, LabelError, SourceError
+from pipeline.sources import GRADES, LabelError, SourceError
 
 
 def detect_in_place(src, kind=None, labels=None, id_col="image", label_col="level",
@@ -108,17 +105,17 @@ def detect_store_folder(src: str, kind=None, labels=None, id_col="image", label_
         if "trainLabels.csv" in top:
             rows += read_labels_as(labels_file("trainLabels.csv"), "image", "level",
                                   origin="train")
-            S._add(files, _scan(listing, "train/"), "train")
+            S._add(files, photos_by_id(listing, "train/"), "train")
         if "retinopathy_solution.csv" in top:
             rows += read_labels_as(labels_file("retinopathy_solution.csv"), "image", "level",
                                   extra_col="Usage", origin="test")
-            S._add(files, _scan(listing, "test/"), "test")
+            S._add(files, photos_by_id(listing, "test/"), "test")
     elif kind == "aptos":
         rows = read_labels_as(labels_file("train.csv"), "id_code", "diagnosis", origin="train")
-        S._add(files, _scan(listing, "train_images/"), "train")
+        S._add(files, photos_by_id(listing, "train_images/"), "train")
     elif kind == "folders":
         for g in GRADES:
-            for image_id, paths in _scan(listing, f"{g}/").items():
+            for image_id, paths in photos_by_id(listing, f"{g}/").items():
                 if image_id in files:
                     raise LabelError(f"{src}: {image_id!r} appears in two grade folders "
                                      f"({files[image_id][0][0]} and {paths[0]})")
@@ -131,7 +128,7 @@ def detect_store_folder(src: str, kind=None, labels=None, id_col="image", label_
         if labels is None:
             raise SourceError("--labels FILE is needed for a CSV source")
         rows = read_labels_as(labels, id_col, label_col, patient_col)
-        S._add(files, _scan(listing, ""), "")
+        S._add(files, photos_by_id(listing, ""), "")
     else:
         raise SourceError(f"unknown source kind {kind!r} (kaggle, aptos, folders, csv)")
     source = S._join(src, kind, files, rows)
@@ -151,21 +148,6 @@ def list_store(src: str) -> dict[str, tuple[int, str]]:
     if not listing:
         raise SourceError(f"{src}: no such bucket or folder, or it is empty")
     return listing
-
-
-def _scan(listing: dict, prefix: str) -> dict[str, list[str]]:
-    """{image id: [paths]} under ``prefix`` as :func:`pipeline.sources._scan` finds them in
-    a local folder: os.walk order, hidden entries skipped, NFC ids, every file of an id kept
-    (several are each rejected ``duplicate_id``)."""
-    found: dict[str, list[str]] = {}
-    for path in sorted((p for p in listing if p.startswith(prefix)), key=_walk_order):
-        parts = path[len(prefix):].split("/")
-        if any(p.startswith(".") for p in parts):
-            continue
-        stem, ext = os.path.splitext(parts[-1])
-        if ext.lower() in IMAGE_SUFFIXES:
-            found.setdefault(unicodedata.normalize("NFC", stem), []).append(path)
-    return found
 
 
 def _fetch_labels(url: str):
