@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_preprocess import preprocess
+from tests.helpers import preprocess
 from tfrecord_writer import info as output_info
 from tfrecord_writer.example import parse_example, read_records
 from tfrecord_writer.info import load_info

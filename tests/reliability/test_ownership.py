@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.synth import synth_dataset
+from tests.helpers import synth_source
 from tests.reliability.helpers import digest, drpipe, no_traceback
 
 ARGS = ["--workers", "1", "--size", "64", "--shard-size", "0.02", "--quiet"]
@@ -21,11 +21,7 @@ def _sha(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
-@pytest.fixture(scope="module")
-def raw(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("own-raw")
-    synth_dataset(root, n=24, seed=5)
-    return root
+raw = synth_source(n=24, seed=5, folder="own-raw")
 
 
 @pytest.fixture(scope="module")
