@@ -11,6 +11,7 @@ import argparse
 import csv
 import json
 import os
+import subprocess
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -29,9 +30,25 @@ def arguments(doc: str | None) -> argparse.ArgumentParser:
     return ap
 
 
+def photo_arguments(doc: str | None, rounds: int) -> argparse.ArgumentParser:
+    """:func:`arguments` and ``--src`` (photos: the sample's), ``--rounds``, ``--size``."""
+    ap = arguments(doc)
+    ap.add_argument("--src", default=str(SAMPLE / "train"))
+    ap.add_argument("--rounds", type=int, default=rounds)
+    ap.add_argument("--size", type=int, default=512)
+    return ap
+
+
 def command_line() -> str:
     """How this benchmark was run, for its result: ``python benchmarks/NAME.py ARGS``."""
     return f"python benchmarks/{Path(sys.argv[0]).name} " + " ".join(sys.argv[1:])
+
+
+def preprocess(src: Path | str, out: Path | str, *options) -> None:
+    """``drpipe preprocess --quiet`` of ``src`` into ``out``, the real command; raises if it
+    fails."""
+    subprocess.run([DRPIPE, "preprocess", "--quiet", "--src", str(src), "--out", str(out),
+                    *map(str, options)], check=True)
 
 
 def write_labels(path: Path, rows: Iterable, header=("image", "level")) -> None:

@@ -34,11 +34,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's packages
 from benchmarks._common import (  # noqa: E402
-    DRPIPE,
     LABELS,
     SAMPLE,
     arguments,
     link_sample,
+    preprocess,
     report,
     write_labels,
 )
@@ -82,8 +82,7 @@ def read_rate(src: Path) -> float:
 
 def job_rate(src: Path, out: Path) -> float:
     summary = out.with_suffix(".json")
-    subprocess.run([DRPIPE, "preprocess", "--quiet", "--src", str(src), "--out", str(out),
-                    "--workers", "2", "--summary-json", str(summary)], check=True)
+    preprocess(src, out, "--workers", 2, "--summary-json", summary)
     s = json.loads(summary.read_text())
     shutil.rmtree(out)
     return s["photos_per_s"]

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's packages
-from benchmarks._common import DRPIPE, SAMPLE, arguments, report  # noqa: E402
+from benchmarks._common import DRPIPE, SAMPLE, arguments, preprocess, report  # noqa: E402
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -46,9 +46,8 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        subprocess.run([DRPIPE, "preprocess", "--quiet", "--src", args.sample, "--out",
-                        str(tmp / "shards"), "--size", "256", "--split", "train=0.5,val=0.5",
-                        "--workers", "1"], check=True)
+        preprocess(args.sample, tmp / "shards", "--size", 256, "--split", "train=0.5,val=0.5",
+                   "--workers", 1)
         for model in args.models.split(","):
             run = tmp / model
             subprocess.run([DRPIPE, "train", "--data", str(tmp / "shards"), "--model", model,

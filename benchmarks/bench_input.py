@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,11 +28,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's packages
 from benchmarks._common import (  # noqa: E402
-    DRPIPE,
     SAMPLE,
     arguments,
     command_line,
     linked_source,
+    preprocess,
     report,
 )
 
@@ -56,8 +55,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         n = linked_source(Path(args.sample).resolve(), args.copies, tmp / "raw")
-        subprocess.run([DRPIPE, "preprocess", "--quiet", "--src", str(tmp / "raw"), "--out",
-                        str(tmp / "shards"), "--split", "train=1"], check=True)
+        preprocess(tmp / "raw", tmp / "shards", "--split", "train=1")
         files_dir = _export_files(tmp / "shards", tmp / "files")
         result = _measure(tmp / "shards", files_dir, n, args)
     result["command"] = command_line()

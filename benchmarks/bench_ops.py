@@ -27,14 +27,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's packages
-from benchmarks._common import SAMPLE, arguments, command_line, one_core, report  # noqa: E402
+from benchmarks._common import command_line, one_core, photo_arguments, report  # noqa: E402
 
 
 def main() -> None:
-    ap = arguments(__doc__)
-    ap.add_argument("--src", default=str(SAMPLE / "train"))
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--size", type=int, default=512)
+    ap = photo_arguments(__doc__, rounds=5)
     ap.add_argument("--no-tfds", action="store_true", help="skip the TFDS reference")
     args = ap.parse_args()
 

@@ -64,6 +64,16 @@ def synth_source(n: int, seed: int, name: str = "raw", folder: str | None = None
     return fixture
 
 
+def same_stem_folders(tmp_path: Path, photos: list[Path], stem: str) -> tuple[Path, Path]:
+    """Folders ``a`` and ``b`` under ``tmp_path``, each holding another of the first two
+    ``photos`` as ``{stem}.jpeg``: one output name, two photos."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder, photo in ((a, photos[0]), (b, photos[1])):
+        folder.mkdir()
+        shutil.copy(photo, folder / f"{stem}.jpeg")
+    return a, b
+
+
 def synth_shards(d: Path, n: int, seed: int, size: int, split: str, *options,
                  run=drpipe) -> Path:
     """``drpipe synth`` of ``n`` photos into ``d/raw``, then ``drpipe preprocess`` of it at

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import synth_shards
+from tests.helpers import same_stem_folders, synth_shards
 from tests.training.test_train import drpipe
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -70,11 +70,7 @@ def test_explain_checks_every_write_and_never_collides(made, tmp_path):
     import cv2
 
     photos = sorted((made / "raw/train").glob("*.jpeg"))
-    a, b = tmp_path / "a", tmp_path / "b"
-    a.mkdir()
-    b.mkdir()
-    shutil.copy(photos[0], a / "p.jpeg")
-    shutil.copy(photos[1], b / "p.jpeg")  # one stem, two photos
+    a, b = same_stem_folders(tmp_path, photos, "p")
     maps = tmp_path / "maps"
     maps.mkdir()
     (maps / "p_gradcam.png").write_bytes(b"a user's file")
