@@ -244,16 +244,12 @@ def _prepare_out(out: Path, state: dict, overwrite: bool) -> bool:
     old = _read_json(state_path) if state_path.exists() else None
     recorded = _refuse_strays(out, old)
     if old is not None:
-        same = (old.get("config_hash") == state["config_hash"]
-                and old.get("input_hash") == state["input_hash"])
+        same = same_run(old, state)
         if same and not overwrite:
             state["shards"] = old.get("shards", {})
             return (out / INFO_FILE).exists()
         if not overwrite:
-            what = ("configuration" if old.get("config_hash") != state["config_hash"]
-                    else "input photos or labels")
-            raise JobError(f"{out} holds a run with a different {what}; use --overwrite to "
-                           "replace it, or choose another --out")
+            raise other_run(out, old, state)
         _clear(out, recorded)
     else:
         # No state file: not a drpipe output, whatever its files are named (only the lock
@@ -268,6 +264,20 @@ def _prepare_out(out: Path, state: dict, overwrite: bool) -> bool:
     state["shards"] = {}
     _write_state(out, state)
     return False
+
+
+def same_run(old: dict, state: dict) -> bool:
+    """True if a state file ``old`` is of a run with this run's configuration and inputs."""
+    return (old.get("config_hash") == state["config_hash"]
+            and old.get("input_hash") == state["input_hash"])
+
+
+def other_run(where, old: dict, state: dict) -> JobError:
+    """The refusal of an output (``where``) that holds another run, naming what differs."""
+    what = ("configuration" if old.get("config_hash") != state["config_hash"]
+            else "input photos or labels")
+    return JobError(f"{where} holds a run with a different {what}; use --overwrite to "
+                    "replace it, or choose another --out")
 
 
 def _is_history(path: Path) -> bool:

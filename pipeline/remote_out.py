@@ -43,6 +43,7 @@ from pathlib import Path
 from pipeline import job, storage
 from pipeline.job import JobError, LockHeld  # LockHeld: exit 75, as a held local lock
 from pipeline.sources import detect_source
+from pipeline.storage import short_error
 from tfrecord_writer import info as output_info
 from tfrecord_writer.files import file_sha256, replacing
 from tfrecord_writer.info import drpipe_version
@@ -71,14 +72,10 @@ def check_store(fs, url: str) -> None:
     except FileNotFoundError:
         raise JobError(f"{url}: no such bucket {bucket!r}") from None
     except PermissionError as e:
-        raise JobError(f"{url}: access denied ({_short(e)}); check the credentials "
-                       "(environment, profile or the instance's role)") from None
+        raise JobError(f"{url}: access denied ({short_error(e)}); "
+                       f"{storage.CHECK_CREDENTIALS}") from None
     except OSError as e:
-        raise JobError(f"{url}: the store cannot be used ({_short(e)})") from None
-
-
-def _short(e: BaseException) -> str:
-    return str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise JobError(f"{url}: the store cannot be used ({short_error(e)})") from None
 
 
 # ---------------------------------------------------------------------------- the lease
@@ -180,9 +177,9 @@ def run_to_store(config, opts, progress_factory=None) -> dict:
     try:
         return _run_to_store(config, opts, progress_factory, url)
     except PermissionError as e:
-        raise JobError(f"{url}: access denied ({_short(e)}); check the credentials") from None
+        raise JobError(f"{url}: access denied ({short_error(e)}); check the credentials") from None
     except OSError as e:
-        raise JobError(f"{url}: {_short(e)}; what was uploaded is kept, re-run to "
+        raise JobError(f"{url}: {short_error(e)}; what was uploaded is kept, re-run to "
                        "resume") from None
 
 
@@ -194,18 +191,14 @@ def _run_to_store(config, opts, progress_factory, url: str) -> dict:
         names = _objects(fs, url)
         old = _read_json(fs, f"{url}/{job.STATE_FILE}") if job.STATE_FILE in names else None
         if old is not None:
-            same = (old.get("config_hash") == state["config_hash"]
-                    and old.get("input_hash") == state["input_hash"])
+            same = job.same_run(old, state)
             if same and not opts.overwrite and job.INFO_FILE in names:
                 info = _read_json(fs, f"{url}/{job.INFO_FILE}")
                 if "drpipe_version" not in info:  # the TFDS file: drpipe's info is beside it
                     info = _read_json(fs, f"{url}/{output_info.DRPIPE_INFO_FILE}")
                 return dict(info["summary"], already_complete=True)
             if not same and not opts.overwrite:
-                what = ("configuration" if old.get("config_hash") != state["config_hash"]
-                        else "input photos or labels")
-                raise JobError(f"{url} holds a run with a different {what}; use "
-                               "--overwrite to replace it, or choose another --out")
+                raise job.other_run(url, old, state)
             if not same or opts.overwrite:
                 _clear(fs, url, names)
         else:  # without a state file nothing here is known to be drpipe's: even shards
@@ -258,11 +251,9 @@ def _ours(name: str) -> bool:
 def _objects(fs, url: str) -> dict[str, int]:
     fs.invalidate_cache()
     try:
-        entries = fs.ls(url, detail=True, refresh=True)
+        return storage.file_sizes(fs.ls(url, detail=True, refresh=True))
     except FileNotFoundError:
         return {}
-    return {e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0)
-            for e in entries if e.get("type") == "file"}
 
 
 def _read_json(fs, path: str) -> dict:

@@ -26,11 +26,10 @@ def detect_in_place(src, kind=None, labels=None, id_col="image", label_col="leve
     try:
         return _detect(src, kind, labels, id_col, label_col, patient_col)
     except PermissionError as e:
-        raise JobError(f"{src}: access denied ({str(e).splitlines()[0][:200]}); check the "
-                       "credentials (environment, profile or the instance's role)") from None
+        raise JobError(f"{src}: access denied ({storage.short_error(e)}); "
+                       f"{storage.CHECK_CREDENTIALS}") from None
     except OSError as e:
-        raise JobError(f"{src}: the store cannot be read ({str(e).splitlines()[0][:200]})"
-                       ) from None
+        raise JobError(f"{src}: the store cannot be read ({storage.short_error(e)})") from None
 
 
 def _detect(src, kind, labels, id_col, label_col, patient_col):
@@ -114,16 +113,7 @@ def detect_store_folder(src: str, kind=None, labels=None, id_col="image", label_
         rows = read_labels_as(labels_file("train.csv"), "id_code", "diagnosis", origin="train")
         S._add(files, photos_by_id(listing, "train_images/"), "train")
     elif kind == "folders":
-        for g in GRADES:
-            for image_id, paths in photos_by_id(listing, f"{g}/").items():
-                if image_id in files:
-                    raise LabelError(f"{src}: {image_id!r} appears in two grade folders "
-                                     f"({files[image_id][0][0]} and {paths[0]})")
-                files[image_id] = [(path, str(g)) for path in paths]
-                patient, eye = S.patient_and_eye(image_id)
-                rows.append(S.LabelRow(image_id, g, patient, eye, str(g)))
-        if not files:
-            raise SourceError(f"{src}: grade folders 0/..4/ hold no photos")
+        files, rows = S.grade_folders(src, lambda g: photos_by_id(listing, f"{g}/"))
     elif kind == "csv":
         if labels is None:
             raise SourceError("--labels FILE is needed for a CSV source")

@@ -15,6 +15,21 @@ import os
 OPTIONS: dict = {}
 
 
+# How a refused request is explained (the store's own credential chain is used).
+CHECK_CREDENTIALS = "check the credentials (environment, profile or the instance's role)"
+
+
+def short_error(e: BaseException) -> str:
+    """A store error's first line, at most 200 characters (its type when it has no text)."""
+    return str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+
+
+def file_sizes(entries) -> dict[str, int]:
+    """{name: size} of the files among fsspec ``ls(detail=True)`` entries."""
+    return {e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0)
+            for e in entries if e.get("type") == "file"}
+
+
 def configure(options: dict) -> None:
     OPTIONS.clear()
     OPTIONS.update(options)
@@ -54,11 +69,9 @@ def listdir(url: str, storage_options: dict | None = None) -> dict[str, int]:
     if is_url(url):
         fs = filesystem(url, storage_options)
         try:
-            entries = fs.ls(url, detail=True)
+            return file_sizes(fs.ls(url, detail=True))
         except FileNotFoundError:
             return {}
-        return {e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0)
-                for e in entries if e.get("type") == "file"}
     try:
         with os.scandir(url) as it:
             return {e.name: 0 for e in it if e.is_file()}
