@@ -202,3 +202,19 @@ def test_the_pipeline_layers_import_no_upper_floor():
                 if name.split(".")[0] in ("drpipe", "training", "tensorflow", "keras"):
                     found.append(f"{path.relative_to(root)} {name}")
     assert found == ["tfrecord_writer/schema.py tensorflow"]
+
+
+def test_replacing_renames_when_whole_and_removes_when_refused(tmp_path):
+    from tfrecord_writer.files import atomic_write_bytes, replacing
+
+    target = tmp_path / "shard.tfrecord"
+    atomic_write_bytes(target, b"old")
+    with pytest.raises(ValueError, match="refused"), replacing(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise ValueError("refused")  # e.g. a download whose SHA-256 is wrong
+    assert target.read_bytes() == b"old" and sorted(tmp_path.iterdir()) == [target]
+    with replacing(target) as tmp:
+        assert tmp.name.startswith(".") and tmp.name.endswith(".drpipe.tmp")
+        tmp.write_bytes(b"new")
+        assert target.read_bytes() == b"old"  # the final name is untouched until the end
+    assert target.read_bytes() == b"new" and sorted(tmp_path.iterdir()) == [target]
