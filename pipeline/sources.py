@@ -290,7 +290,8 @@ def detect_source(src: Path, kind: str | None = None, labels: Path | None = None
                   id_col: str = "image", label_col: str = "level",
                   patient_col: str | None = None) -> Source:
     """Find photos and labels under ``src``. ``labels`` given means kind ``csv``."""
-    from pipeline.remote_source import detect_in_place  # archives, object stores
+    # Archives, object stores; local: pipeline.remote_source imports this module (a cycle).
+    from pipeline.remote_source import detect_in_place
 
     found = detect_in_place(src, kind, labels, id_col, label_col, patient_col)
     if found is not None:

@@ -41,7 +41,7 @@ def is_url(path) -> bool:
 
 
 def filesystem(url: str, storage_options: dict | None = None):
-    import fsspec
+    import fsspec  # deferred: fsspec and a store's backend load only for a URL
 
     protocol = url.split("://", 1)[0]
     return fsspec.filesystem(protocol, **(OPTIONS if storage_options is None
