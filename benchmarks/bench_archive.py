@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
@@ -33,26 +32,23 @@ import tracemalloc
 import zipfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-DRPIPE = str(Path(sys.executable).parent / "drpipe")
-SAMPLE = ROOT.parent / "shared/data/eyepacs-sample"
-LABELS = ROOT.parent / "shared/data/eyepacs-labels/trainLabels.csv"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's packages
+from benchmarks._common import (  # noqa: E402
+    LABELS,
+    SAMPLE,
+    arguments,
+    link_sample,
+    preprocess,
+    report,
+    write_labels,
+)
 
 
 def build_sources(copies: int, d: Path) -> tuple[dict[str, Path], int]:
     """The same photos as a folder (links) and as 2 MB volumes of a deflated and of a
     stored zip."""
     folder = d / "folder"
-    (folder / "train").mkdir(parents=True)
-    labels = list(csv.DictReader(open(SAMPLE / "trainLabels.csv")))
-    rows = []
-    for c in range(copies):
-        for r in labels:
-            patient, eye = r["image"].split("_")
-            new = f"{c}{int(patient):05d}_{eye}"
-            os.symlink(SAMPLE / "train" / f"{r['image']}.jpeg", folder / "train" / f"{new}.jpeg")
-            rows.append((new, r["level"]))
+    rows = link_sample(SAMPLE, copies, folder / "train")
     sources = {"folder": folder}
     for name, method in (("parts-deflated", zipfile.ZIP_DEFLATED),
                          ("parts-stored", zipfile.ZIP_STORED)):
@@ -65,10 +61,7 @@ def build_sources(copies: int, d: Path) -> tuple[dict[str, Path], int]:
                         str(d / "train.zip"), str(parts / "train.zip.")], check=True)
         (d / "train.zip").unlink()
     for dest in sources.values():
-        with open(dest / "trainLabels.csv", "w", newline="") as f:
-            w = csv.writer(f, lineterminator="\n")
-            w.writerow(["image", "level"])
-            w.writerows(rows)
+        write_labels(dest / "trainLabels.csv", rows)
     return sources, len(rows)
 
 
@@ -89,8 +82,7 @@ def read_rate(src: Path) -> float:
 
 def job_rate(src: Path, out: Path) -> float:
     summary = out.with_suffix(".json")
-    subprocess.run([DRPIPE, "preprocess", "--quiet", "--src", str(src), "--out", str(out),
-                    "--workers", "2", "--summary-json", str(summary)], check=True)
+    preprocess(src, out, "--workers", 2, "--summary-json", summary)
     s = json.loads(summary.read_text())
     shutil.rmtree(out)
     return s["photos_per_s"]
@@ -138,10 +130,9 @@ def index_cost(d: Path) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = arguments(__doc__)
     ap.add_argument("--copies", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
@@ -164,10 +155,7 @@ def main() -> None:
                       for k in med if k != "folder"}
             result[key] = {**med, **ratios, "runs": runs}
         result["index_35126"] = index_cost(d)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if a.json:
-        a.json.write_text(text + "\n")
+    report(result, a.json)
 
 
 if __name__ == "__main__":

@@ -14,16 +14,15 @@ and inter-op pools are set to 1 here; the LiteRT interpreter gets num_threads=1)
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's packages
+from benchmarks._common import DRPIPE, SAMPLE, arguments, preprocess, report  # noqa: E402
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 FORMATS = [("savedmodel", None), ("tflite", None), ("tflite", "dynamic"),
@@ -31,12 +30,11 @@ FORMATS = [("savedmodel", None), ("tflite", None), ("tflite", "dynamic"),
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sample", default=str(ROOT.parent / "shared/data/eyepacs-sample"))
+    ap = arguments(__doc__)
+    ap.add_argument("--sample", default=str(SAMPLE))
     ap.add_argument("--models", default="resnet50v2,mobilenetv2,resnetv2-small")
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--repeats", type=int, default=30)
-    ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
     import tensorflow as tf
@@ -45,16 +43,14 @@ def main() -> None:
     tf.config.threading.set_inter_op_parallelism_threads(1)
     from training.export import export
 
-    drpipe = str(Path(sys.executable).parent / "drpipe")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        subprocess.run([drpipe, "preprocess", "--quiet", "--src", args.sample, "--out",
-                        str(tmp / "shards"), "--size", "256", "--split", "train=0.5,val=0.5",
-                        "--workers", "1"], check=True)
+        preprocess(args.sample, tmp / "shards", "--size", 256, "--split", "train=0.5,val=0.5",
+                   "--workers", 1)
         for model in args.models.split(","):
             run = tmp / model
-            subprocess.run([drpipe, "train", "--data", str(tmp / "shards"), "--model", model,
+            subprocess.run([DRPIPE, "train", "--data", str(tmp / "shards"), "--model", model,
                             "--image-size", str(args.image_size), "--epochs", "1",
                             "--steps-per-epoch", "1", "--batch-size", "4", "--out", str(run)],
                            check=True, capture_output=True)
@@ -75,8 +71,7 @@ def main() -> None:
                       flush=True)
     out = {"command": "python " + " ".join(sys.argv), "image_size": args.image_size,
            "threads": 1, "repeats": args.repeats, "results": results}
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
+    report(out, args.json, echo=False)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ Reported: wall seconds of each command, incremental / full and incremental / scr
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -24,22 +23,21 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-DRPIPE = str(Path(sys.executable).parent / "drpipe")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's packages
+from benchmarks._common import DRPIPE, arguments, report, write_labels  # noqa: E402
 
 
 def _collection(src: Path, pool: list[Path], grades: list[int], n: int) -> None:
     (src / "train").mkdir(parents=True, exist_ok=True)
-    lines = ["image,level"]
+    rows = []
     for i in range(n):
         pid, eye = 100000 + i // 2, ("left", "right")[i % 2]
         k = i % len(pool)
         dst = src / "train" / f"{pid}_{eye}.jpeg"
         if not dst.exists():
             os.link(pool[k], dst)
-        lines.append(f"{pid}_{eye},{grades[k]}")
-    (src / "trainLabels.csv").write_text("\n".join(lines) + "\n")
+        rows.append((f"{pid}_{eye}", grades[k]))
+    write_labels(src / "trainLabels.csv", rows)
 
 
 def _run(src: Path, out: Path, size: int, workers: int) -> tuple[float, dict]:
@@ -54,12 +52,11 @@ def _run(src: Path, out: Path, size: int, workers: int) -> tuple[float, dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = arguments(__doc__)
     ap.add_argument("--n", type=int, default=10000)
     ap.add_argument("--distinct", type=int, default=300)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
     from pipeline.synth import synth_dataset
 
@@ -87,9 +84,7 @@ def main() -> None:
               "incremental_timings": s2.get("timings"), "full_timings": s1.get("timings"),
               "scratch_ok": s3.get("ok"), "incremental_ok": s2.get("ok"),
               "load_average": os.getloadavg()}
-    print(json.dumps(result, indent=1))
-    if a.json:
-        a.json.write_text(json.dumps(result, indent=1) + "\n")
+    report(result, a.json, indent=1)
 
 
 if __name__ == "__main__":

@@ -19,24 +19,29 @@ share of the difference from the augmentation's.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's packages
+from benchmarks._common import (  # noqa: E402
+    SAMPLE,
+    arguments,
+    command_line,
+    linked_source,
+    preprocess,
+    report,
+)
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sample", default=str(ROOT.parent / "shared/data/eyepacs-sample"))
+    ap = arguments(__doc__)
+    ap.add_argument("--sample", default=str(SAMPLE))
     ap.add_argument("--copies", type=int, default=8)
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -45,23 +50,16 @@ def main() -> None:
                     help="passes over the photos per measurement (steady state, not start-up)")
     ap.add_argument("--same-augment", action="store_true",
                     help="give both pipelines drpipe's augmentation")
-    ap.add_argument("--json", default=None)
     args = ap.parse_args()
-
-    from benchmarks.bench_preprocess import make_source
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        n = make_source(Path(args.sample).resolve(), args.copies, tmp / "raw")
-        drpipe = str(Path(sys.executable).parent / "drpipe")
-        subprocess.run([drpipe, "preprocess", "--quiet", "--src", str(tmp / "raw"), "--out",
-                        str(tmp / "shards"), "--split", "train=1"], check=True)
+        n = linked_source(Path(args.sample).resolve(), args.copies, tmp / "raw")
+        preprocess(tmp / "raw", tmp / "shards", "--split", "train=1")
         files_dir = _export_files(tmp / "shards", tmp / "files")
         result = _measure(tmp / "shards", files_dir, n, args)
-    result["command"] = "python benchmarks/bench_input.py " + " ".join(sys.argv[1:])
-    print(json.dumps(result, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    result["command"] = command_line()
+    report(result, args.json)
 
 
 def _export_files(shards: Path, out: Path) -> Path:

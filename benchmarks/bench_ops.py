@@ -18,9 +18,7 @@ Prints a table and writes JSON (``--json``) with photos/s per contender (median 
 
 from __future__ import annotations
 
-import argparse
 import io
-import json
 import os
 import platform
 import statistics
@@ -28,26 +26,16 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's packages
+from benchmarks._common import command_line, one_core, photo_arguments, report  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--src", default=str(ROOT.parent / "shared/data/eyepacs-sample/train"))
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--size", type=int, default=512)
-    ap.add_argument("--json", default=None, help="write results here")
+    ap = photo_arguments(__doc__, rounds=5)
     ap.add_argument("--no-tfds", action="store_true", help="skip the TFDS reference")
     args = ap.parse_args()
 
-    # One core for everyone: pin the process and stop OpenCV from threading.
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
-    import cv2
-
-    cv2.setNumThreads(1)
-
+    one_core()  # for everyone
     from pipeline import decode as dec
     from pipeline.process import ProcessConfig, ProcessedImage, prepare, process
 
@@ -95,7 +83,7 @@ def main() -> None:
         statistics.median(per_photo["drpipe"][k]) / statistics.median(per_photo["floor"][k])
         for k in per_photo["drpipe"])
     result = {
-        "command": "python benchmarks/bench_ops.py " + " ".join(sys.argv[1:]),
+        "command": command_line(),
         "photos": len(photos),
         "rounds": args.rounds,
         "size": args.size,
@@ -107,9 +95,7 @@ def main() -> None:
         "dct_factors": {str(f): list(factors.values()).count(f) for f in sorted(
             set(factors.values()))},
     }
-    print(json.dumps(result, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    report(result, args.json)
 
 
 def _ok(result, cls):

@@ -16,8 +16,6 @@ projection for the 88,702-photo Kaggle set.
 
 from __future__ import annotations
 
-import argparse
-import csv
 import json
 import os
 import statistics
@@ -27,27 +25,18 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DRPIPE = str(Path(sys.executable).parent / "drpipe")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's packages
+from benchmarks._common import (  # noqa: E402
+    DRPIPE,
+    SAMPLE,
+    arguments,
+    command_line,
+    linked_source,
+    report,
+)
+
 KAGGLE_PHOTOS = 88_702
 SMALL = 32  # photos of the job whose worker CPU time is the fixed cost
-
-
-def make_source(sample: Path, copies: int, dest: Path) -> int:
-    (dest / "train").mkdir(parents=True)
-    labels = list(csv.DictReader(open(sample / "trainLabels.csv")))
-    rows = []
-    for c in range(copies):
-        for r in labels:
-            patient, eye = r["image"].split("_")
-            new = f"{c}{int(patient):05d}_{eye}"
-            os.symlink(sample / "train" / f"{r['image']}.jpeg", dest / "train" / f"{new}.jpeg")
-            rows.append((new, r["level"]))
-    with open(dest / "trainLabels.csv", "w", newline="") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(["image", "level"])
-        w.writerows(rows)
-    return len(rows)
 
 
 def run_job(src: Path, out: Path, workers: int, limit: int | None = None) -> dict:
@@ -118,16 +107,15 @@ def run_bare(src: Path, with_io: bool = False) -> tuple[float, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sample", default=str(ROOT.parent / "shared/data/eyepacs-sample"))
+    ap = arguments(__doc__)
+    ap.add_argument("--sample", default=str(SAMPLE))
     ap.add_argument("--copies", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        n = make_source(Path(args.sample).resolve(), args.copies, tmp / "raw")
+        n = linked_source(Path(args.sample).resolve(), args.copies, tmp / "raw")
         raw_bytes = sum((tmp / "raw/train" / p).stat().st_size
                         for p in os.listdir(tmp / "raw/train"))
         runs: dict[int, list[dict]] = {1: [], 2: []}
@@ -136,7 +124,6 @@ def main() -> None:
         ratios: list[float] = []
         cpu_ratios: list[float] = []
         marginal: list[float] = []
-        sys.path.insert(0, str(ROOT))
         for r in range(args.rounds):
             order = [(0, 1, 2), (1, 2, 0), (2, 0, 1)][r % 3]
             for w in order:
@@ -175,7 +162,7 @@ def main() -> None:
         per_core = pps[1]
         projected_16 = per_core * 16 * efficiency
         result = {
-            "command": "python benchmarks/bench_preprocess.py " + " ".join(sys.argv[1:]),
+            "command": command_line(),
             "photos": n,
             "rounds": args.rounds,
             "processing_photos_per_s": {f"{w}_workers": round(v, 1) for w, v in pps.items()},
@@ -204,9 +191,7 @@ def main() -> None:
             "projection_assumes": "per-core rate of the 1-worker runs x 16 x the 2-worker "
                                   "scaling efficiency; the disk must deliver the read rate",
         }
-    print(json.dumps(result, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    report(result, args.json)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ processing, sharding and manifest). Prints and writes (``--json``) one JSON obje
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
@@ -35,9 +34,17 @@ from pathlib import Path
 
 import psutil
 
-ROOT = Path(__file__).resolve().parents[1]
-DRPIPE = str(Path(sys.executable).parent / "drpipe")
-SHARED = ROOT.parent / "shared/data"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's packages
+from benchmarks._common import (  # noqa: E402
+    DRPIPE,
+    LABELS,
+    SAMPLE,
+    arguments,
+    command_line,
+    report,
+    write_labels,
+)
+
 KAGGLE_TEST = 53_576
 BATCH = 32  # pipeline.job.BATCH_SIZE
 
@@ -61,14 +68,8 @@ def make_source(sample: Path, labels: Path, dest: Path, fraction: float,
         (dest / folder).mkdir(parents=True)
         for k, row in enumerate(rows):
             os.symlink(photos[k % len(photos)], dest / folder / f"{row[0]}.jpeg")
-    with open(dest / "trainLabels.csv", "w", newline="") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(["image", "level"])
-        w.writerows(train)
-    with open(dest / "retinopathy_solution.csv", "w", newline="") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(["image", "level", "Usage"])
-        w.writerows(test)
+    write_labels(dest / "trainLabels.csv", train)
+    write_labels(dest / "retinopathy_solution.csv", test, header=("image", "level", "Usage"))
     return {"ids": len(train) + len(test), "train": len(train), "test": len(test),
             "of_kaggle": total}
 
@@ -148,16 +149,15 @@ def run_job(src: Path, out: Path, workers: int, size: int, n: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sample", default=str(SHARED / "eyepacs-sample"))
-    ap.add_argument("--labels", default=str(SHARED / "eyepacs-labels/trainLabels.csv"))
+    ap = arguments(__doc__)
+    ap.add_argument("--sample", default=str(SAMPLE))
+    ap.add_argument("--labels", default=str(LABELS))
     ap.add_argument("--fraction", type=float, default=1.0,
                     help="part of the 88,702 ids to run (default all)")
     ap.add_argument("--ids", type=int, default=None, help="number of ids (overrides --fraction)")
     ap.add_argument("--size", type=int, default=64, help="output size (default 64)")
     ap.add_argument("--workers", default="2", help="worker counts to run, e.g. 1,2")
     ap.add_argument("--tmp", default=None, help="where to build the source and outputs")
-    ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
@@ -176,14 +176,12 @@ def main() -> None:
                   f"(at {r['client_rss_mb_at']}), worker peak {r['peak_worker_rss_mb']} MB, "
                   f"disk peak {r['peak_disk_mb']} MB", file=sys.stderr)
     by = {r["workers"]: r for r in runs}
-    result = {"command": "python benchmarks/bench_scale.py " + " ".join(sys.argv[1:]),
+    result = {"command": command_line(),
               "source": src, "size": args.size, "cpus": os.cpu_count(), "runs": runs}
     if 1 in by and 2 in by:
         result["scaling_1_to_2_workers"] = round(
             by[2]["photos_per_s_processing"] / by[1]["photos_per_s_processing"], 3)
-    print(json.dumps(result, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    report(result, args.json)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,7 @@ shifted against each other, and that is where they differ most (on purpose).
 
 from __future__ import annotations
 
-import argparse
 import io
-import json
 import os
 import statistics
 import sys
@@ -27,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's packages
+from benchmarks._common import SAMPLE, arguments, report  # noqa: E402
 
 RADIUS = 300
 CROP = int(RADIUS * 0.9)  # TFDS's mask and crop radius: 270 px
@@ -93,9 +91,8 @@ def compare(data: bytes, name: str = "photo", matched: bool = False) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--src", default=str(ROOT.parent / "shared/data/eyepacs-sample/train"))
-    ap.add_argument("--json", default=None, help="write per-photo results here")
+    ap = arguments(__doc__)
+    ap.add_argument("--src", default=str(SAMPLE / "train"))
     args = ap.parse_args()
     paths = sorted(Path(args.src).glob("*.jpeg"))
     result = {}
@@ -111,8 +108,7 @@ def main() -> None:
         print(f"median over {len(rows)} photos: mean abs diff {med['mean_abs_diff']:.2f} grey "
               f"levels, correlation {med['correlation']:.3f}")
         result["matched" if matched else "as_is"] = {"photos": rows, "median": med}
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    report(result, args.json, echo=False)
 
 
 if __name__ == "__main__":

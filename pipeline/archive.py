@@ -27,17 +27,23 @@ the parts and a run on the extracted folder write the same manifest.
 
 from __future__ import annotations
 
+import atexit
+import io
 import os
 import re
+import shutil
 import struct
+import tempfile
 import unicodedata
+import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline import sources as S
 from pipeline import storage
 from pipeline.process import Rejection
-from pipeline.sources import SourceError
+from pipeline.sources import IMAGE_SUFFIXES, LabelError, SourceError, read_labels
 
 try:  # ISA-L's inflate: the same bytes, faster than zlib's (deflated members cost ~a decode)
     from isal import isal_zlib as _inflate
@@ -446,8 +452,6 @@ def detect_archive_source(src, kind=None, labels=None, id_col="image", label_col
     labels beside them as ``.csv`` or ``.csv.zip``) or for one ``.zip``; None when ``src``
     is neither (the folder layouts). An extracted ``train/`` or ``test/`` beside the parts
     wins: the archives are then ignored, as before."""
-    from pipeline import sources as S
-
     src = str(src)
     listing = storage.listdir(src, storage_options)
     single = None
@@ -489,14 +493,14 @@ def detect_archive_source(src, kind=None, labels=None, id_col="image", label_col
                               patient_col)
         files = {}
         for a in archives:
-            S._add(files, _members_by_id(a, ""), "")
+            S._add(files, photos_by_id(a.members, ""), "")
         return _with_archive(S._join(_root(src), "csv", files, rows), source)
     files, rows = {}, []
     for a, (_, origin, label_name, extra) in zip(archives, groups, strict=True):
         wanted = [(origin, label_name, extra)] if origin else [
             (o, n, e) for _, o, n, e in KAGGLE_ARCHIVES]
         for o, label_name_, extra_ in wanted:
-            found = _members_by_id(a, o + "/")
+            found = photos_by_id(a.members, o + "/")
             path = _find_labels(folder, listing, label_name_, a, storage_options)
             if path is None:
                 continue
@@ -523,17 +527,14 @@ def _with_archive(source, archive: ArchiveSource):
     return source
 
 
-def _members_by_id(archive: Archive, prefix: str) -> dict[str, list[str]]:
-    """{image id: [member names]} for photos under ``prefix`` (e.g. ``train/``), as
-    :func:`pipeline.sources._scan` finds them in an extracted folder (NFC ids; several
-    members of one id are each rejected ``duplicate_id``)."""
-    from pipeline.sources import IMAGE_SUFFIXES
-
+def photos_by_id(names, prefix: str) -> dict[str, list[str]]:
+    """{image id: [names]} for the photos among ``names`` (``/``-separated paths: archive
+    members, objects in a store) under ``prefix`` (e.g. ``train/``), as
+    :func:`pipeline.sources._scan` finds them in a folder: os.walk order, hidden entries
+    skipped, NFC ids, every name of an id kept (several are each rejected ``duplicate_id``)."""
     found: dict[str, list[str]] = {}
-    for name in sorted(archive.members, key=_walk_order):
-        if not name.startswith(prefix):
-            continue
-        parts = name.split("/")
+    for name in sorted((n for n in names if n.startswith(prefix)), key=_walk_order):
+        parts = name[len(prefix):].split("/")
         if any(p.startswith(".") for p in parts):
             continue
         stem, ext = os.path.splitext(parts[-1])
@@ -573,9 +574,6 @@ def _local_labels(path, storage_options):
 
 
 def _labels_from_zip(url: str, name: str, storage_options):
-    import io
-    import zipfile
-
     data = storage.read_range(url, 0, storage.size(url, storage_options), storage_options)
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as z:
@@ -592,10 +590,6 @@ class _Fetched(type(Path())):
 
 
 def _temp_file(name: str, data: bytes, shown: str | None = None):
-    import atexit
-    import shutil
-    import tempfile
-
     d = tempfile.mkdtemp(prefix="drpipe-labels-")
     atexit.register(shutil.rmtree, d, True)
     p = _Fetched(d, name)
@@ -607,8 +601,6 @@ def _temp_file(name: str, data: bytes, shown: str | None = None):
 def read_labels_as(path, *args, **kw):
     """:func:`pipeline.sources.read_labels`; errors name the file as the user knows it (the
     URL, ``trainLabels.csv.zip``), not the temporary copy."""
-    from pipeline.sources import LabelError, read_labels
-
     try:
         return read_labels(path, *args, **kw)
     except LabelError as e:

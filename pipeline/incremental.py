@@ -21,10 +21,10 @@ import shutil
 import time
 from pathlib import Path
 
-from pipeline import manifest, versions
+from pipeline import job, manifest, versions
 from pipeline.split import assign_splits
 from tfrecord_writer import info as output_info
-from tfrecord_writer.writer import atomic_write_bytes, remove_temporaries
+from tfrecord_writer.files import remove_temporaries
 
 # Up to this many photos to process (and no --scheduler), an incremental run processes them
 # in this process: starting a local Dask cluster (seconds on a loaded machine) costs more
@@ -34,8 +34,6 @@ IN_PROCESS_MAX = int(os.environ.get("DRPIPE_IN_PROCESS_MAX", "256"))
 
 
 def _process_here(batches, todo, root, config, staging, progress_factory, initial, total):
-    from pipeline import job
-
     bar = progress_factory(total, initial) if progress_factory else None
     try:
         for b in todo:
@@ -61,8 +59,6 @@ class _Records:
 
 def run_incremental(config, opts, progress_factory, out: Path, source, photos, missing,
                     state: dict, old: dict, t0: float) -> dict:
-    from pipeline import job
-
     job._refuse_strays(out, old)
     # A run killed after LATEST moved but before its state was cleared finishes that version.
     new_k = old.get("pending_version") or versions.latest_version(out) + 1
@@ -82,7 +78,7 @@ def run_incremental(config, opts, progress_factory, out: Path, source, photos, m
         shutil.rmtree(staging, ignore_errors=True)
     state["shards"] = dict(old.get("shards") or {})
     state["pending_version"] = new_k
-    _write_state(out, state)
+    job._write_state(out, state)
     staging.mkdir(exist_ok=True)
     remove_temporaries(staging)
     remove_temporaries(out)
@@ -109,14 +105,7 @@ def run_incremental(config, opts, progress_factory, out: Path, source, photos, m
                                  progress_factory, done, len(todo_photos))
     t_shards = time.time()
 
-    new_rows, peak_rss, tf_loaded = [], 0.0, False
-    for b in range(len(batches)):
-        meta = json.loads((staging / f"batch-{b:06d}.json").read_text())
-        peak_rss = max(peak_rss, meta["maxrss_mb"])
-        tf_loaded |= meta["tensorflow_loaded"]
-        for row in meta["rows"]:
-            row["_batch"] = b
-            new_rows.append(row)
+    new_rows, peak_rss, tf_loaded = job._read_batches(staging, len(batches))
     for row in new_rows:
         row["split"] = splits.get(row["image_id"], "")
     carried = [dict(r) for r in prev_rows if r.get("path") and r["image_id"] in current
@@ -147,14 +136,8 @@ def run_incremental(config, opts, progress_factory, out: Path, source, photos, m
 
     rows = carried + new_rows
     job._flag_duplicates(rows)
-    for r in missing:
-        rows.append({"image_id": r.image_id, "path": "", "patient_id": r.patient_id,
-                     "eye": r.eye, "label": r.label, "origin": r.origin,
-                     "status": "rejected", "split": splits.get(r.image_id, ""),
-                     "reason": "missing_file: labelled, but no photo found"})
-    for row in rows:
-        for key in ("_batch", "_offset", "_length", "_data"):
-            row.pop(key, None)
+    rows += job._missing_rows(missing, splits)
+    job._drop_private(rows)
     t_end = time.time()
     summary = job._summary(rows, shards, config, len(photos), len(missing), peak_rss,
                            tf_loaded, timings={"total_s": t_end - t0,
@@ -165,23 +148,12 @@ def run_incremental(config, opts, progress_factory, out: Path, source, photos, m
     summary["version"] = new_k
     summary["changes"] = {key: len(v) for key, v in changes.items()}
     summary["shards_dropped"] = len(dropped)
-    info = {"name": "drpipe", "drpipe_version": job._version(),
-            "features": {key: kind for key, (kind, _) in job.FEATURES.items()},
-            "splits": shards, "counts": summary["counts"],
-            "config": config.output_config(), "config_hash": config.hash(),
-            "input_hash": state["input_hash"], "summary": summary, "version": new_k,
-            "tfds_template": versions.tfds_template(new_k)}
+    info = job._info(config, state, shards, summary, version=new_k,
+                     tfds_template=versions.tfds_template(new_k))
     versions.write_version(out, new_k, info, rows, current, changes)
     manifest.write(rows, out)
     output_info.write_info(out, info)
     state.pop("pending_version", None)
-    _write_state(out, state)
+    job._write_state(out, state)
     shutil.rmtree(staging, ignore_errors=True)
     return summary
-
-
-def _write_state(out: Path, state: dict) -> None:
-    from pipeline.job import STATE_FILE
-
-    atomic_write_bytes(out / STATE_FILE,
-                       json.dumps(state, indent=2, sort_keys=True).encode())

@@ -20,6 +20,9 @@ The life of a run, and what makes it safe to schedule, kill and re-run:
 
 The same inputs and configuration give byte-identical shards and manifest, whatever the
 number of workers or the cluster.
+
+Dask and distributed are imported only where a cluster is used (about a second of imports,
+which an in-process incremental run never pays); TensorFlow never.
 """
 
 from __future__ import annotations
@@ -28,14 +31,18 @@ import dataclasses
 import fcntl
 import hashlib
 import json
+import logging
 import os
+import resource
 import shutil
+import signal
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from pipeline import manifest, storage, versions
@@ -45,15 +52,10 @@ from pipeline.sources import Source, SourceError, detect_source
 from pipeline.split import assign_splits
 from tfrecord_writer import info as output_info
 from tfrecord_writer.example import serialize_example
-from tfrecord_writer.schema import FEATURES, Record
-from tfrecord_writer.writer import (
-    TMP_SUFFIX,
-    ShardWriter,
-    atomic_write_bytes,
-    plan_shards,
-    remove_temporaries,
-    shard_name,
-)
+from tfrecord_writer.files import TMP_SUFFIX, atomic_write_bytes, file_sha256, remove_temporaries
+from tfrecord_writer.info import drpipe_version
+from tfrecord_writer.schema import FEATURES, N_GRADES, Record
+from tfrecord_writer.writer import ShardWriter, plan_shards, shard_name
 
 BATCH_SIZE = 32  # photos per Dask task: ~1 s of work, small enough to bound memory
 STATE_FILE = ".drpipe-state.json"
@@ -129,10 +131,6 @@ def process_batch(root: str, items: list[dict], config: ProcessConfig,
 
     ``confine``: a photo whose path (through symlinks, of files or folders) leads outside
     ``root`` is rejected ``outside_source`` without being read."""
-    import resource
-
-    import cv2
-
     cv2.setNumThreads(1)  # one task per worker process: no oversubscription
     rows, records = [], []
     for it in items:
@@ -246,16 +244,12 @@ def _prepare_out(out: Path, state: dict, overwrite: bool) -> bool:
     old = _read_json(state_path) if state_path.exists() else None
     recorded = _refuse_strays(out, old)
     if old is not None:
-        same = (old.get("config_hash") == state["config_hash"]
-                and old.get("input_hash") == state["input_hash"])
+        same = same_run(old, state)
         if same and not overwrite:
             state["shards"] = old.get("shards", {})
             return (out / INFO_FILE).exists()
         if not overwrite:
-            what = ("configuration" if old.get("config_hash") != state["config_hash"]
-                    else "input photos or labels")
-            raise JobError(f"{out} holds a run with a different {what}; use --overwrite to "
-                           "replace it, or choose another --out")
+            raise other_run(out, old, state)
         _clear(out, recorded)
     else:
         # No state file: not a drpipe output, whatever its files are named (only the lock
@@ -268,8 +262,22 @@ def _prepare_out(out: Path, state: dict, overwrite: bool) -> bool:
             raise JobError(f"{out} is not empty and not a drpipe output ({foreign[0]}, ...); "
                            "choose an empty --out")
     state["shards"] = {}
-    atomic_write_bytes(state_path, json.dumps(state, indent=2, sort_keys=True).encode())
+    _write_state(out, state)
     return False
+
+
+def same_run(old: dict, state: dict) -> bool:
+    """True if a state file ``old`` is of a run with this run's configuration and inputs."""
+    return (old.get("config_hash") == state["config_hash"]
+            and old.get("input_hash") == state["input_hash"])
+
+
+def other_run(where, old: dict, state: dict) -> JobError:
+    """The refusal of an output (``where``) that holds another run, naming what differs."""
+    what = ("configuration" if old.get("config_hash") != state["config_hash"]
+            else "input photos or labels")
+    return JobError(f"{where} holds a run with a different {what}; use --overwrite to "
+                    "replace it, or choose another --out")
 
 
 def _is_history(path: Path) -> bool:
@@ -366,25 +374,21 @@ def _clear(out: Path, recorded: set[str]) -> None:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _record_shard(out: Path, state: dict, name: str) -> dict:
     """Note a committed shard in the state file (before anything else relies on it)."""
     path = out / name
-    entry = {"bytes": path.stat().st_size, "sha256": _file_sha256(path)}
+    entry = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
     state.setdefault("shards", {})[name] = entry
-    atomic_write_bytes(out / STATE_FILE, json.dumps(state, indent=2, sort_keys=True).encode())
+    _write_state(out, state)
     return entry
 
 
 def _plan_shard(out: Path, state: dict, name: str) -> None:
     state.setdefault("shards", {})[name] = {}
+    _write_state(out, state)
+
+
+def _write_state(out: Path, state: dict) -> None:
     atomic_write_bytes(out / STATE_FILE, json.dumps(state, indent=2, sort_keys=True).encode())
 
 
@@ -395,12 +399,10 @@ def _own_shard_intact(out: Path, state: dict, name: str) -> bool:
     path = out / name
     if not entry or not path.is_file() or path.stat().st_size != entry.get("bytes"):
         return False
-    return _file_sha256(path) == entry.get("sha256")
+    return file_sha256(path) == entry.get("sha256")
 
 
 def _start_client(opts: RunOptions):
-    import logging
-
     from distributed import Client, LocalCluster
 
     if opts.scheduler:
@@ -416,8 +418,6 @@ def _start_client(opts: RunOptions):
     # any free port it neither collides with another cluster's 8787 nor faces the network.
     # Workers start with SIGINT ignored (inherited): a Ctrl-C in the terminal reaches the
     # whole process group, and only this process should answer it (one line, exit 130).
-    import signal
-
     # SIGINT is blocked here, not ignored (an ignored one would be lost): a Ctrl-C while the
     # cluster starts is held and raised as KeyboardInterrupt once it is up (then closed);
     # each worker ignores SIGINT once started (pipeline/worker_signals.py).
@@ -497,10 +497,11 @@ def _run(config: JobConfig, opts: RunOptions, progress_factory) -> dict:
         photos = source.photos[:config.limit] if config.limit else source.photos
         missing = [] if config.limit else source.labels_without_photo
         state = {"config_hash": config.hash(), "input_hash": _input_fingerprint(source, photos),
-                 "drpipe_version": _version()}
+                 "drpipe_version": drpipe_version()}
         _refuse_other_config(out, config, opts.overwrite)
         old = _incremental(out, state, opts.overwrite)
         if old is not None:
+            # Local: pipeline.incremental is built on this module's steps (a cycle).
             from pipeline.incremental import run_incremental
 
             return run_incremental(config, opts, progress_factory, out, source, photos,
@@ -534,26 +535,13 @@ def _run(config: JobConfig, opts: RunOptions, progress_factory) -> dict:
                                          len(photos))
         t_shards = time.time()
 
-        rows, peak_rss, tf_loaded = [], 0.0, False
-        for k in range(len(batches)):
-            meta = json.loads((staging / f"batch-{k:06d}.json").read_text())
-            peak_rss = max(peak_rss, meta["maxrss_mb"])
-            tf_loaded |= meta["tensorflow_loaded"]
-            for row in meta["rows"]:
-                row["_batch"] = k
-                rows.append(row)
+        rows, peak_rss, tf_loaded = _read_batches(staging, len(batches))
         _flag_duplicates(rows)
         for row in rows:  # rejected photos show the split they would have been in
             row["split"] = splits.get(row["image_id"], "")
         shards = _write_shards(rows, config, out, staging, state)
-        for r in missing:
-            rows.append({"image_id": r.image_id, "path": "", "patient_id": r.patient_id,
-                         "eye": r.eye, "label": r.label, "origin": r.origin,
-                         "status": "rejected", "split": splits.get(r.image_id, ""),
-                         "reason": "missing_file: labelled, but no photo found"})
-        for row in rows:
-            for k in ("_batch", "_offset", "_length"):
-                row.pop(k, None)
+        rows += _missing_rows(missing, splits)
+        _drop_private(rows)
         manifest.write(rows, out)
         t_end = time.time()
         summary = _summary(rows, shards, config, len(photos), len(missing), peak_rss,
@@ -563,11 +551,7 @@ def _run(config: JobConfig, opts: RunOptions, progress_factory) -> dict:
                                                "process_s": t_shards - t_process - cluster_s,
                                                "shards_and_manifest_s": t_end - t_shards},
                            processed_now=sum(len(batches[k]) for k in todo))
-        info = {"name": "drpipe", "drpipe_version": _version(),
-                "features": {k: kind for k, (kind, _) in FEATURES.items()},
-                "splits": shards, "counts": summary["counts"],
-                "config": config.output_config(), "config_hash": config.hash(),
-                "input_hash": state["input_hash"], "summary": summary, "version": 1}
+        info = _info(config, state, shards, summary, version=1)
         listed = versions.listing(source, photos)
         summary.update(version=1, changes={"added": len(listed), "removed": 0,
                                            "replaced": 0, "relabelled": 0})
@@ -575,6 +559,46 @@ def _run(config: JobConfig, opts: RunOptions, progress_factory) -> dict:
         output_info.write_info(out, info)
         shutil.rmtree(staging, ignore_errors=True)
         return summary
+
+
+def _read_batches(staging: Path, n: int) -> tuple[list[dict], float, bool]:
+    """The rows of committed batches 0..n-1 (each marked with its batch), the workers' peak
+    RSS and whether any worker imported TensorFlow."""
+    rows, peak_rss, tf_loaded = [], 0.0, False
+    for k in range(n):
+        meta = json.loads((staging / f"batch-{k:06d}.json").read_text())
+        peak_rss = max(peak_rss, meta["maxrss_mb"])
+        tf_loaded |= meta["tensorflow_loaded"]
+        for row in meta["rows"]:
+            row["_batch"] = k
+            rows.append(row)
+    return rows, peak_rss, tf_loaded
+
+
+def _missing_rows(missing, splits: dict) -> list[dict]:
+    """Manifest rows of labels without a photo."""
+    return [{"image_id": r.image_id, "path": "", "patient_id": r.patient_id, "eye": r.eye,
+             "label": r.label, "origin": r.origin, "status": "rejected",
+             "split": splits.get(r.image_id, ""),
+             "reason": "missing_file: labelled, but no photo found"} for r in missing]
+
+
+def _drop_private(rows: list[dict]) -> None:
+    """Remove the run's own bookkeeping (where a record is staged) before rows are written."""
+    for row in rows:
+        for key in ("_batch", "_offset", "_length", "_data"):
+            row.pop(key, None)
+
+
+def _info(config: JobConfig, state: dict, shards: dict, summary: dict, version: int,
+          **extra) -> dict:
+    """drpipe's information about a finished run (``drpipe_info.json``)."""
+    return {"name": "drpipe", "drpipe_version": drpipe_version(),
+            "features": {k: kind for k, (kind, _) in FEATURES.items()},
+            "splits": shards, "counts": summary["counts"],
+            "config": config.output_config(), "config_hash": config.hash(),
+            "input_hash": state["input_hash"], "summary": summary, "version": version,
+            **extra}
 
 
 def _process_batches(batches, todo, root, config, opts, staging, progress_factory,
@@ -654,6 +678,7 @@ WORKER_CONFIG = {"distributed.worker.profile.enabled": False,
 
 
 def _warm_up() -> None:
+    # Run on each worker: importing is the point (the modules a task needs, loaded once).
     import pipeline.process  # noqa: F401
     import tfrecord_writer.example  # noqa: F401
 
@@ -787,7 +812,8 @@ def _summary(rows, shards, config, n_photos, n_missing, peak_rss, tf_loaded, tim
     ok = [r for r in rows if r["status"] == "ok"]
     reasons = Counter(r["reason"].split(":")[0] for r in rows
                       if r["status"] == "rejected" and r.get("path"))  # photos only
-    counts = {s: [sum(1 for r in ok if r["split"] == s and r["label"] == g) for g in range(5)]
+    counts = {s: [sum(1 for r in ok if r["split"] == s and r["label"] == g)
+                  for g in range(N_GRADES)]
               for s in config.split}
     return {
         "photos": n_photos,
@@ -808,9 +834,3 @@ def _summary(rows, shards, config, n_photos, n_missing, peak_rss, tf_loaded, tim
         "timings": {k: round(v, 2) for k, v in timings.items()},
         "config_hash": config.hash(),
     }
-
-
-def _version() -> str:
-    from drpipe import __version__
-
-    return __version__

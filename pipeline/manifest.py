@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.outputs import csv_cell
-from tfrecord_writer.writer import atomic_write_bytes
+from tfrecord_writer.files import atomic_write_bytes
 
 # (column, arrow type). Order is the CSV's column order.
 COLUMNS: list[tuple[str, pa.DataType]] = [

@@ -13,8 +13,12 @@ TF-free: used by preprocess, preview, synth, predict, explain and export alike.
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 from pathlib import Path
+
+from tfrecord_writer.files import atomic_write_bytes
 
 # Cells starting with these are formulas (or become ones) in Excel, LibreOffice, Sheets.
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -90,8 +94,6 @@ def refuse_existing(target: Path, what: str, why: str) -> None:
 
 def recorded(out: Path, record: str) -> set[str]:
     """Names an earlier run of the command recorded writing into ``out`` (its to replace)."""
-    import json
-
     try:
         names = json.loads((Path(out) / record).read_text()).get("files", [])
     except (OSError, ValueError, AttributeError):
@@ -101,10 +103,6 @@ def recorded(out: Path, record: str) -> set[str]:
 
 def record_names(out: Path, record: str, names: list[str]) -> None:
     """Add ``names`` to ``out``'s record, before they are written (a kill leaves them ours)."""
-    import json
-
-    from tfrecord_writer.writer import atomic_write_bytes
-
     keep = sorted(recorded(out, record) | set(names))
     atomic_write_bytes(Path(out) / record, json.dumps({"files": keep}, indent=1).encode())
 
@@ -165,7 +163,6 @@ def check_folder(out: Path, what: str, kind: str, marker: str) -> None:
 
 def json_has_keys(keys):
     """``is_own`` for a JSON object holding all of ``keys``."""
-    import json
 
     def check(path: Path) -> bool:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -175,7 +172,6 @@ def json_has_keys(keys):
 
 def csv_header_is(header):
     """``is_own`` for a CSV whose first row is ``header``."""
-    import csv
 
     def check(path: Path) -> bool:
         with open(path, newline="", encoding="utf-8") as f:

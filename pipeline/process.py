@@ -9,6 +9,8 @@ plain function on bytes and plain dataclasses, so it ships to a Dask worker as i
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -98,9 +100,6 @@ def read_photo(path, max_bytes: int | None = DEFAULT_MAX_BYTES) -> bytes | Rejec
     device named like a photo would block the reader forever; a file over ``max_bytes`` is
     rejected ``too_large`` from its size, before a byte is read (it could take a worker's
     memory)."""
-    import os
-    import stat
-
     try:
         st = os.stat(path)  # follows symlinks: a broken one fails here
         if not stat.S_ISREG(st.st_mode):

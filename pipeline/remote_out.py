@@ -40,8 +40,13 @@ import time
 import uuid
 from pathlib import Path
 
-from pipeline import storage
+from pipeline import job, storage
+from pipeline.job import JobError, LockHeld  # LockHeld: exit 75, as a held local lock
+from pipeline.sources import detect_source
+from pipeline.storage import short_error
 from tfrecord_writer import info as output_info
+from tfrecord_writer.files import file_sha256, replacing
+from tfrecord_writer.info import drpipe_version
 
 LEASE = ".drpipe.lease"
 SUMS = "SHA256SUMS"
@@ -59,34 +64,18 @@ def _url_key(url: str) -> str:
     return hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
 
 
-def _job_error(msg: str):
-    from pipeline.job import JobError
-
-    return JobError(msg)
-
-
-def _lock_held(msg: str):
-    from pipeline.job import LockHeld  # exit 75, as a held local lock
-
-    return LockHeld(msg)
-
-
 def check_store(fs, url: str) -> None:
     """One line for a bucket that is not there or credentials that are refused."""
     bucket = fs._strip_protocol(url).split("/", 1)[0]
     try:
         fs.ls(bucket, refresh=True)
     except FileNotFoundError:
-        raise _job_error(f"{url}: no such bucket {bucket!r}") from None
+        raise JobError(f"{url}: no such bucket {bucket!r}") from None
     except PermissionError as e:
-        raise _job_error(f"{url}: access denied ({_short(e)}); check the credentials "
-                         "(environment, profile or the instance's role)") from None
+        raise JobError(f"{url}: access denied ({short_error(e)}); "
+                       f"{storage.CHECK_CREDENTIALS}") from None
     except OSError as e:
-        raise _job_error(f"{url}: the store cannot be used ({_short(e)})") from None
-
-
-def _short(e: BaseException) -> str:
-    return str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise JobError(f"{url}: the store cannot be used ({short_error(e)})") from None
 
 
 # ---------------------------------------------------------------------------- the lease
@@ -131,9 +120,9 @@ class Lease:
                 self.fs.rm(self.path)
                 if not self._create():
                     holder = self._holder() or {}
-                    raise _lock_held(_held_message(self.path, holder))
+                    raise LockHeld(_held_message(self.path, holder))
             else:
-                raise _lock_held(_held_message(self.path, holder))
+                raise LockHeld(_held_message(self.path, holder))
         self._thread = threading.Thread(target=self._renew, daemon=True)
         self._thread.start()
         return self
@@ -148,8 +137,8 @@ class Lease:
 
     def check(self) -> None:
         if self.lost:
-            raise _job_error(f"lost the lease {self.path} to another run; nothing more is "
-                             "written, re-run to resume")
+            raise JobError(f"lost the lease {self.path} to another run; nothing more is "
+                           "written, re-run to resume")
 
     def __exit__(self, *exc):
         self._stop.set()
@@ -188,15 +177,13 @@ def run_to_store(config, opts, progress_factory=None) -> dict:
     try:
         return _run_to_store(config, opts, progress_factory, url)
     except PermissionError as e:
-        raise _job_error(f"{url}: access denied ({_short(e)}); check the credentials") from None
+        raise JobError(f"{url}: access denied ({short_error(e)}); check the credentials") from None
     except OSError as e:
-        raise _job_error(f"{url}: {_short(e)}; what was uploaded is kept, re-run to "
-                         "resume") from None
+        raise JobError(f"{url}: {short_error(e)}; what was uploaded is kept, re-run to "
+                       "resume") from None
 
 
 def _run_to_store(config, opts, progress_factory, url: str) -> dict:
-    from pipeline import job
-
     fs = storage.filesystem(url)
     check_store(fs, url)
     with Lease(fs, f"{url}/{LEASE}") as lease:
@@ -204,25 +191,21 @@ def _run_to_store(config, opts, progress_factory, url: str) -> dict:
         names = _objects(fs, url)
         old = _read_json(fs, f"{url}/{job.STATE_FILE}") if job.STATE_FILE in names else None
         if old is not None:
-            same = (old.get("config_hash") == state["config_hash"]
-                    and old.get("input_hash") == state["input_hash"])
+            same = job.same_run(old, state)
             if same and not opts.overwrite and job.INFO_FILE in names:
                 info = _read_json(fs, f"{url}/{job.INFO_FILE}")
                 if "drpipe_version" not in info:  # the TFDS file: drpipe's info is beside it
                     info = _read_json(fs, f"{url}/{output_info.DRPIPE_INFO_FILE}")
                 return dict(info["summary"], already_complete=True)
             if not same and not opts.overwrite:
-                what = ("configuration" if old.get("config_hash") != state["config_hash"]
-                        else "input photos or labels")
-                raise job.JobError(f"{url} holds a run with a different {what}; use "
-                                   "--overwrite to replace it, or choose another --out")
+                raise job.other_run(url, old, state)
             if not same or opts.overwrite:
                 _clear(fs, url, names)
         else:  # without a state file nothing here is known to be drpipe's: even shards
             foreign = sorted(n for n in names if n != LEASE)
             if foreign:  # --overwrite too: it replaces a drpipe output, nothing else
-                raise job.JobError(f"{url} is not empty and not a drpipe output ({foreign[0]}, "
-                                   "...); choose an empty --out")
+                raise JobError(f"{url} is not empty and not a drpipe output ({foreign[0]}, "
+                               "...); choose an empty --out")
         fs.pipe_file(f"{url}/{job.STATE_FILE}", json.dumps(state, indent=2,
                                                            sort_keys=True).encode())
         local = cache_dir() / "out" / _url_key(url)
@@ -240,20 +223,15 @@ def _run_to_store(config, opts, progress_factory, url: str) -> dict:
 
 
 def _expected_state(config) -> dict:
-    from pipeline import job
-    from pipeline.sources import detect_source
-
     source = detect_source(config.src, config.source_kind, config.labels, config.id_col,
                            config.label_col, config.patient_col)
     photos = source.photos[:config.limit] if config.limit else source.photos
     return {"config_hash": config.hash(), "input_hash": job._input_fingerprint(source, photos),
-            "drpipe_version": job._version()}
+            "drpipe_version": drpipe_version()}
 
 
 def _reuse_or_clear(local: Path, state: dict) -> None:
     """The staging folder is drpipe's own cache: one of another run is cleared."""
-    from pipeline import job
-
     p = local / job.STATE_FILE
     if not p.exists():
         return
@@ -267,19 +245,15 @@ def _reuse_or_clear(local: Path, state: dict) -> None:
 
 
 def _ours(name: str) -> bool:
-    from pipeline import job
-
     return name in job.OWN_FILES or name in (LEASE, SUMS) or name.endswith(".tfrecord")
 
 
 def _objects(fs, url: str) -> dict[str, int]:
     fs.invalidate_cache()
     try:
-        entries = fs.ls(url, detail=True, refresh=True)
+        return storage.file_sizes(fs.ls(url, detail=True, refresh=True))
     except FileNotFoundError:
         return {}
-    return {e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0)
-            for e in entries if e.get("type") == "file"}
 
 
 def _read_json(fs, path: str) -> dict:
@@ -296,17 +270,7 @@ def _clear(fs, url: str, names) -> None:
             fs.rm(f"{url}/{n}")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _upload(fs, local: Path, url: str, lease: Lease) -> None:
-    from pipeline import job
-
     shards = sorted(local.glob("*.tfrecord"))
     remote = _objects(fs, url)
     for p in shards:
@@ -317,7 +281,7 @@ def _upload(fs, local: Path, url: str, lease: Lease) -> None:
     for n in remote:
         if n.endswith(".tfrecord") and n not in planned:
             fs.rm(f"{url}/{n}")  # a shard of this output's earlier, interrupted plan
-    sums = "".join(f"{_sha256(p)}  {p.name}\n" for p in shards)
+    sums = "".join(f"{file_sha256(p)}  {p.name}\n" for p in shards)
     fs.pipe_file(f"{url}/{SUMS}", sums.encode())
     # The manifest and the info files (TFDS's features.json, drpipe_info.json, ...), then
     # the completion marker.
@@ -340,10 +304,10 @@ def stage_shards(url: str) -> Path:
     check_store(fs, url)
     names = _objects(fs, url)
     if "dataset_info.json" not in names:
-        raise _job_error(f"{url}: no finished drpipe output here (no dataset_info.json)")
+        raise JobError(f"{url}: no finished drpipe output here (no dataset_info.json)")
     if SUMS not in names:
-        raise _job_error(f"{url}: no {SUMS} (written by drpipe preprocess --out URL); "
-                         "cannot verify the shards")
+        raise JobError(f"{url}: no {SUMS} (written by drpipe preprocess --out URL); "
+                       "cannot verify the shards")
     local = cache_dir() / "data" / _url_key(url)
     local.mkdir(parents=True, exist_ok=True)
     sums = {}
@@ -351,22 +315,19 @@ def stage_shards(url: str) -> Path:
         digest, name = line.split(None, 1)
         name = name.strip()
         if "/" in name or "\\" in name or name.startswith(".") or not name.endswith(".tfrecord"):
-            raise _job_error(f"{url}/{SUMS}: {name!r} is not a shard name; not staging it")
+            raise JobError(f"{url}/{SUMS}: {name!r} is not a shard name; not staging it")
         sums[name] = digest
     for name, digest in sorted(sums.items()):
         p = local / name
-        if p.exists() and p.stat().st_size == names.get(name) and _sha256(p) == digest:
+        if p.exists() and p.stat().st_size == names.get(name) and file_sha256(p) == digest:
             continue
-        tmp = p.with_name(p.name + f".{os.getpid()}.tmp")
-        fs.get_file(f"{url}/{name}", str(tmp))
-        if tmp.stat().st_size != names.get(name) or _sha256(tmp) != digest:
-            tmp.unlink()
-            raise _job_error(f"{url}/{name}: the downloaded shard does not match its size "
-                             f"and {SUMS} entry; re-run to fetch it again")
-        os.replace(tmp, p)
+        with replacing(p) as tmp:  # a shard that does not check out is removed
+            fs.get_file(f"{url}/{name}", str(tmp))
+            if tmp.stat().st_size != names.get(name) or file_sha256(tmp) != digest:
+                raise JobError(f"{url}/{name}: the downloaded shard does not match its "
+                               f"size and {SUMS} entry; re-run to fetch it again")
     for name in ("data_manifest.csv", "manifest.parquet", *output_info.FILES):
         if name in names:
-            tmp = local / f"{name}.{os.getpid()}.tmp"
-            fs.get_file(f"{url}/{name}", str(tmp))
-            os.replace(tmp, local / name)
+            with replacing(local / name) as tmp:
+                fs.get_file(f"{url}/{name}", str(tmp))
     return local

@@ -11,34 +11,28 @@ on the client, and each worker reads its photos' bytes from the store itself
 
 from __future__ import annotations
 
-import os
-import unicodedata
-
+from pipeline import sources as S
 from pipeline import storage
-from pipeline.archive import read_labels_as
+from pipeline.archive import _temp_file, detect_archive_source, photos_by_id, read_labels_as
+from pipeline.job import JobError
 from pipeline.process import Rejection
-from pipeline.sources import GRADES, IMAGE_SUFFIXES, LabelError, SourceError
+from pipeline.sources import GRADES, LabelError, SourceError
 
 
 def detect_in_place(src, kind=None, labels=None, id_col="image", label_col="level",
                     patient_col=None):
     if not storage.is_url(str(src)) and not (labels and storage.is_url(str(labels))):
         return _detect(src, kind, labels, id_col, label_col, patient_col)
-    from pipeline.job import JobError
-
     try:
         return _detect(src, kind, labels, id_col, label_col, patient_col)
     except PermissionError as e:
-        raise JobError(f"{src}: access denied ({str(e).splitlines()[0][:200]}); check the "
-                       "credentials (environment, profile or the instance's role)") from None
+        raise JobError(f"{src}: access denied ({storage.short_error(e)}); "
+                       f"{storage.CHECK_CREDENTIALS}") from None
     except OSError as e:
-        raise JobError(f"{src}: the store cannot be read ({str(e).splitlines()[0][:200]})"
-                       ) from None
+        raise JobError(f"{src}: the store cannot be read ({storage.short_error(e)})") from None
 
 
 def _detect(src, kind, labels, id_col, label_col, patient_col):
-    from pipeline.archive import detect_archive_source
-
     if labels is not None and storage.is_url(str(labels)):
         labels = _fetch_labels(str(labels))
     found = detect_archive_source(src, kind, labels, id_col, label_col, patient_col)
@@ -84,8 +78,6 @@ class StoreReader:
 
 def detect_store_folder(src: str, kind=None, labels=None, id_col="image", label_col="level",
                         patient_col=None):
-    from pipeline import sources as S
-
     listing = list_store(src)
     reader = StoreReader(src, listing)
     top = {p for p in listing if "/" not in p}
@@ -112,30 +104,21 @@ def detect_store_folder(src: str, kind=None, labels=None, id_col="image", label_
         if "trainLabels.csv" in top:
             rows += read_labels_as(labels_file("trainLabels.csv"), "image", "level",
                                   origin="train")
-            S._add(files, _scan(listing, "train/"), "train")
+            S._add(files, photos_by_id(listing, "train/"), "train")
         if "retinopathy_solution.csv" in top:
             rows += read_labels_as(labels_file("retinopathy_solution.csv"), "image", "level",
                                   extra_col="Usage", origin="test")
-            S._add(files, _scan(listing, "test/"), "test")
+            S._add(files, photos_by_id(listing, "test/"), "test")
     elif kind == "aptos":
         rows = read_labels_as(labels_file("train.csv"), "id_code", "diagnosis", origin="train")
-        S._add(files, _scan(listing, "train_images/"), "train")
+        S._add(files, photos_by_id(listing, "train_images/"), "train")
     elif kind == "folders":
-        for g in GRADES:
-            for image_id, paths in _scan(listing, f"{g}/").items():
-                if image_id in files:
-                    raise LabelError(f"{src}: {image_id!r} appears in two grade folders "
-                                     f"({files[image_id][0][0]} and {paths[0]})")
-                files[image_id] = [(path, str(g)) for path in paths]
-                patient, eye = S.patient_and_eye(image_id)
-                rows.append(S.LabelRow(image_id, g, patient, eye, str(g)))
-        if not files:
-            raise SourceError(f"{src}: grade folders 0/..4/ hold no photos")
+        files, rows = S.grade_folders(src, lambda g: photos_by_id(listing, f"{g}/"))
     elif kind == "csv":
         if labels is None:
             raise SourceError("--labels FILE is needed for a CSV source")
         rows = read_labels_as(labels, id_col, label_col, patient_col)
-        S._add(files, _scan(listing, ""), "")
+        S._add(files, photos_by_id(listing, ""), "")
     else:
         raise SourceError(f"unknown source kind {kind!r} (kaggle, aptos, folders, csv)")
     source = S._join(src, kind, files, rows)
@@ -157,27 +140,8 @@ def list_store(src: str) -> dict[str, tuple[int, str]]:
     return listing
 
 
-def _scan(listing: dict, prefix: str) -> dict[str, list[str]]:
-    """{image id: [paths]} under ``prefix`` as :func:`pipeline.sources._scan` finds them in
-    a local folder: os.walk order, hidden entries skipped, NFC ids, every file of an id kept
-    (several are each rejected ``duplicate_id``)."""
-    from pipeline.archive import _walk_order
-
-    found: dict[str, list[str]] = {}
-    for path in sorted((p for p in listing if p.startswith(prefix)), key=_walk_order):
-        parts = path[len(prefix):].split("/")
-        if any(p.startswith(".") for p in parts):
-            continue
-        stem, ext = os.path.splitext(parts[-1])
-        if ext.lower() in IMAGE_SUFFIXES:
-            found.setdefault(unicodedata.normalize("NFC", stem), []).append(path)
-    return found
-
-
 def _fetch_labels(url: str):
     """A labels file from the store, as a local file for :func:`read_labels` (small)."""
-    from pipeline.archive import _temp_file
-
     try:
         data = storage.read_all(url)
     except FileNotFoundError:

@@ -28,8 +28,10 @@ import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tfrecord_writer.schema import N_GRADES
+
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".jfif", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp")
-GRADES = range(5)
+GRADES = range(N_GRADES)
 _EYE_NAME = re.compile(r"^(?P<patient>.+)_(?P<eye>left|right)$", re.IGNORECASE)
 
 
@@ -195,6 +197,24 @@ def expand_photo_paths(sources) -> list[Path]:
     return files
 
 
+def grade_folders(src, photos_in) -> tuple[dict, list[LabelRow]]:
+    """The photos and labels of grade folders ``0/`` .. ``4/`` (the folder is the grade), a
+    local folder's or a store's: ``photos_in(g)`` gives {image id: [paths]} in folder ``g``.
+    An id in two grade folders is refused: which grade it has is unknown."""
+    files, rows = {}, []
+    for g in GRADES:
+        for image_id, paths in photos_in(g).items():
+            if image_id in files:
+                raise LabelError(f"{src}: {image_id!r} appears in two grade folders "
+                                 f"({files[image_id][0][0]} and {paths[0]})")
+            files[image_id] = [(p, str(g)) for p in paths]
+            patient, eye = patient_and_eye(image_id)
+            rows.append(LabelRow(image_id, g, patient, eye, str(g)))
+    if not files:
+        raise SourceError(f"{src}: grade folders 0/..4/ hold no photos")
+    return files, rows
+
+
 def _scan(folder: Path, root: Path) -> dict[str, list[str]]:
     """{image id: [paths relative to root]} for image files under ``folder`` (recursive).
 
@@ -270,7 +290,8 @@ def detect_source(src: Path, kind: str | None = None, labels: Path | None = None
                   id_col: str = "image", label_col: str = "level",
                   patient_col: str | None = None) -> Source:
     """Find photos and labels under ``src``. ``labels`` given means kind ``csv``."""
-    from pipeline.remote_source import detect_in_place  # archives, object stores
+    # Archives, object stores; local: pipeline.remote_source imports this module (a cycle).
+    from pipeline.remote_source import detect_in_place
 
     found = detect_in_place(src, kind, labels, id_col, label_col, patient_col)
     if found is not None:
@@ -297,17 +318,7 @@ def detect_source(src: Path, kind: str | None = None, labels: Path | None = None
         _add(files, _scan(src / "train_images", src), "train")
         return _join(src, kind, files, rows)
     if kind == "folders":
-        files, rows = {}, []
-        for g in GRADES:
-            for image_id, paths in _scan(src / str(g), src).items():
-                if image_id in files:
-                    raise LabelError(f"{src}: {image_id!r} appears in two grade folders "
-                                     f"({files[image_id][0][0]} and {paths[0]})")
-                files[image_id] = [(p, str(g)) for p in paths]
-                patient, eye = patient_and_eye(image_id)
-                rows.append(LabelRow(image_id, g, patient, eye, str(g)))
-        if not files:
-            raise SourceError(f"{src}: grade folders 0/..4/ hold no photos")
+        files, rows = grade_folders(src, lambda g: _scan(src / str(g), src))
         return _join(src, kind, files, rows)
     if kind == "csv":
         if labels is None:

@@ -29,9 +29,9 @@ import numpy as np
 
 from pipeline.outputs import csv_cell
 from pipeline.sources import LabelError, LabelRow, read_labels
+from tfrecord_writer.schema import N_GRADES
 from tfrecord_writer.writer import atomic_write_bytes
 
-N_GRADES = 5
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 

@@ -15,6 +15,21 @@ import os
 OPTIONS: dict = {}
 
 
+# How a refused request is explained (the store's own credential chain is used).
+CHECK_CREDENTIALS = "check the credentials (environment, profile or the instance's role)"
+
+
+def short_error(e: BaseException) -> str:
+    """A store error's first line, at most 200 characters (its type when it has no text)."""
+    return str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+
+
+def file_sizes(entries) -> dict[str, int]:
+    """{name: size} of the files among fsspec ``ls(detail=True)`` entries."""
+    return {e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0)
+            for e in entries if e.get("type") == "file"}
+
+
 def configure(options: dict) -> None:
     OPTIONS.clear()
     OPTIONS.update(options)
@@ -26,7 +41,7 @@ def is_url(path) -> bool:
 
 
 def filesystem(url: str, storage_options: dict | None = None):
-    import fsspec
+    import fsspec  # deferred: fsspec and a store's backend load only for a URL
 
     protocol = url.split("://", 1)[0]
     return fsspec.filesystem(protocol, **(OPTIONS if storage_options is None
@@ -60,8 +75,7 @@ def listdir(url: str, storage_options: dict | None = None) -> dict[str, int]:
         path = fs._strip_protocol(url).rstrip("/")
         if [e["name"].rstrip("/") for e in entries] == [path] and entries[0].get("type") == "file":
             return {}  # ls of an object (one.zip) lists the object itself: no folder
-        return {e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0)
-                for e in entries if e.get("type") == "file"}
+        return file_sizes(entries)
     try:
         with os.scandir(url) as it:
             return {e.name: 0 for e in it if e.is_file()}

@@ -16,6 +16,8 @@ generation; the same arguments always give the same bytes.
 from __future__ import annotations
 
 import csv
+import io
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import simplejpeg
+
+from pipeline.outputs import OutputRefused
+from tfrecord_writer.files import atomic_write_bytes
 
 # Frame sizes of real fundus cameras, scaled down ~4x to keep the demo small and fast.
 FRAME_SIZES = ((1024, 683), (972, 648), (1188, 792), (960, 720), (1232, 816), (880, 880))
@@ -186,16 +191,17 @@ def synth_dataset(out: Path, n: int = 200, seed: int = 0, quality: int = 90,
     truth = []
     for pid, eye, grade in planned:
         rgb, photo = render(pid, eye, grade, seed)
-        (out / "train" / f"{photo.image}.jpeg").write_bytes(
-            simplejpeg.encode_jpeg(rgb, quality=quality, colorspace="RGB",
-                                   colorsubsampling="420"))
+        atomic_write_bytes(out / "train" / f"{photo.image}.jpeg",
+                           simplejpeg.encode_jpeg(rgb, quality=quality, colorspace="RGB",
+                                                  colorsubsampling="420"))
         truth.append(photo)
         if progress:
             progress()
-    with open(out / "trainLabels.csv", "w", newline="") as f:
-        wr = csv.writer(f, lineterminator="\n")
-        wr.writerow(["image", "level"])
-        wr.writerows((p.image, p.level) for p in truth)
+    labels = io.StringIO()
+    wr = csv.writer(labels, lineterminator="\n")
+    wr.writerow(["image", "level"])
+    wr.writerows((p.image, p.level) for p in truth)
+    atomic_write_bytes(out / "trainLabels.csv", labels.getvalue().encode())
     return truth
 
 
@@ -206,11 +212,6 @@ def _claim(out: Path, photos: list[str]) -> None:
     """Make ``out`` this synth's: refuse a non-empty folder no synth wrote (a real dataset's
     trainLabels.csv and photos would be replaced), remove an earlier synth's photos that this
     one does not write, and record what this one writes before writing it."""
-    import json
-
-    from pipeline.outputs import OutputRefused
-    from tfrecord_writer.writer import atomic_write_bytes
-
     earlier: list[str] = []
     if out.is_dir() and any(out.iterdir()):
         try:

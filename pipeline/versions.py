@@ -33,6 +33,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
+
+from pipeline import manifest
+from tfrecord_writer import info as output_info
+from tfrecord_writer.example import iter_records, parse_example
+from tfrecord_writer.files import atomic_write_bytes
+from tfrecord_writer.writer import shard_name
 
 VERSIONS = "versions"
 LATEST = "LATEST"
@@ -100,8 +107,6 @@ def diff(old: dict, new: dict) -> dict[str, list[str]]:
 
 
 def read_rows(d: Path) -> list[dict]:
-    import pyarrow.parquet as pq
-
     return pq.read_table(d / "manifest.parquet").to_pylist()
 
 
@@ -114,10 +119,6 @@ def write_version(out: Path, k: int, info: dict, rows: list[dict], photo_listing
                   changes: dict) -> None:
     """Commit version ``k``: its folder (links, manifest, TFDS and drpipe info, listing,
     version.json last), then ``versions/LATEST``."""
-    from pipeline import manifest
-    from tfrecord_writer import info as output_info
-    from tfrecord_writer.writer import atomic_write_bytes, shard_name
-
     d = version_dir(out, k)
     d.mkdir(parents=True, exist_ok=True)
     local = {}
@@ -168,7 +169,7 @@ def history_entry(out: str | Path, status: int, summary: dict | None, started: f
     """Append the line of one ``drpipe preprocess`` run to ``out``'s history: only in a
     drpipe output (a state file there, or the lock held by another run), never in a folder
     a run refused."""
-    from pipeline.job import STATE_FILE
+    from pipeline.job import STATE_FILE  # local: pipeline.job imports this module (a cycle)
 
     if not (Path(out) / STATE_FILE).exists() and status != 75:
         return
@@ -194,8 +195,6 @@ def version_shard_name(k: int):
 
 def read_records(path: Path, ids: set[str]) -> dict[str, bytes]:
     """The serialised records of ``ids`` in shard ``path`` (bytes as stored)."""
-    from tfrecord_writer.example import iter_records, parse_example
-
     out = {}
     for data in iter_records(path):
         i = parse_example(data)["image/id"]

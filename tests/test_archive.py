@@ -14,8 +14,8 @@ import pytest
 from pipeline import archive as A
 from pipeline.process import Rejection
 from pipeline.sources import detect_source
+from tests.helpers import digest, preprocess
 from tests.test_cli import DRPIPE
-from tests.test_preprocess import digest, preprocess
 
 PART = 2_000_000  # bytes per volume: the 31 photos (~32 MB) make 16 or 17 parts
 SETTINGS = ("--workers", 2, "--shard-size", 2, "--size", 128)

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-DRPIPE = shutil.which("drpipe") or str(Path(sys.executable).parent / "drpipe")
+from tests.helpers import DRPIPE
 
 
 def run(*args, check=True):

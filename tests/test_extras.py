@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import digest, preprocess
 from tests.test_cli import DRPIPE
-from tests.test_preprocess import digest, preprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 # Imported at start-up by every Python process that has this folder on its path (the

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import fcntl
-import hashlib
 import json
 import os
 import socket
@@ -15,28 +14,14 @@ import numpy as np
 import pytest
 
 from pipeline.synth import synth_dataset
+from tests.helpers import DRPIPE, digest, preprocess
 from tests.reliability.helpers import kill_when, start
-from tests.test_cli import DRPIPE
 from tfrecord_writer.info import load_info
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 KEYS = ["image/encoded", "image/format", "image/height", "image/width", "image/class/label",
         "image/class/referable", "image/id", "image/patient_id", "image/eye",
         "image/source_sha256"]  # as documented in docs/FORMAT.md
-OUTPUTS = ("*.tfrecord", "data_manifest.csv", "manifest.parquet")
-
-
-def preprocess(*args, check=True, **kw):
-    r = subprocess.run([DRPIPE, "preprocess", "--quiet", *map(str, args)], capture_output=True,
-                       text=True, timeout=600, **kw)
-    if check and r.returncode != 0:
-        raise AssertionError(f"exit {r.returncode}\n{r.stdout}\n{r.stderr}")
-    return r
-
-
-def digest(out: Path) -> dict[str, str]:
-    files = sorted(p for pat in OUTPUTS for p in out.glob(pat))
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
 def manifest(out: Path) -> list[dict]:

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import digest, preprocess
 from tests.reliability.helpers import kill_when, start
 from tests.test_cli import DRPIPE
-from tests.test_preprocess import digest, preprocess
 from tfrecord_writer.info import load_info
 
 moto_server = pytest.importorskip("moto.server")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_preprocess import preprocess
+from tests.helpers import preprocess
 from tfrecord_writer import info as output_info
 from tfrecord_writer.example import parse_example, read_records
 from tfrecord_writer.info import load_info
@@ -222,9 +222,9 @@ def test_dataset_info_is_written_last(jpeg_out):
 def test_features_follow_the_schema(monkeypatch):
     from tfrecord_writer import schema
 
-    extra = dict(schema.FEATURES, **{"image/quality/score": ("float", float),
-                                     "image/quality/ok": ("int64", int),
-                                     "image/quality/note": ("bytes", str)})
+    extra = dict(schema.FEATURES, **{"image/quality/score": schema.Feature("float", "s"),
+                                     "image/quality/ok": schema.Feature("int64", "ok"),
+                                     "image/quality/note": schema.Feature("bytes", "note")})
     monkeypatch.setattr(output_info, "FEATURES", extra)
     feats = output_info.tfds_features("png", 96)["content"]["features"]
     assert set(feats) == set(extra)

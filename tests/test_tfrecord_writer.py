@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import os
+import re
+from pathlib import Path
 
 import pytest
 
@@ -141,6 +144,22 @@ def test_schema_rejects_unknown_and_missing_keys():
         serialize_example(f)
 
 
+def test_record_features_follow_the_schema():
+    """Record.features() is read off FEATURES: every key, each from its Record field."""
+    import dataclasses
+
+    r = dataclasses.replace(_record(label=2), quality_score=0.5, quality_label="good")
+    f = r.features()
+    assert list(f) == list(FEATURES)
+    assert f["image/id"] == "0_left" and f["image/patient_id"] == "0"
+    assert f["image/class/label"] == 2 and f["image/class/referable"] == 1
+    assert f["image/quality/score"] == 0.5 and f["image/quality/label"] == "good"
+    assert _record(label=1).features()["image/class/referable"] == 0
+    # every field of a Record is stored under some key
+    stored = {feature.field for feature in FEATURES.values()}
+    assert {fld.name for fld in dataclasses.fields(Record)} <= stored
+
+
 @pytest.mark.parametrize("sizes,target,expect_count", [
     ([100] * 10, 250, 4), ([100] * 10, 10_000, 1), ([100] * 3, 1, 3), ([], 100, 0)])
 def test_plan_shards(sizes, target, expect_count):
@@ -152,3 +171,50 @@ def test_plan_shards(sizes, target, expect_count):
         per = [sum(s for s, a in zip(sizes, plan, strict=True) if a == i)
                for i in range(expect_count)]
         assert max(per) - min(per) <= max(sizes)  # even
+
+
+def test_drpipe_version_from_metadata_or_pyproject(monkeypatch):
+    import importlib.metadata
+
+    from tfrecord_writer.info import drpipe_version
+
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    want = re.search(r'^version = "([^"]+)"', pyproject, re.M).group(1)
+    assert drpipe_version.__wrapped__() == importlib.metadata.version("drpipe")
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    assert drpipe_version.__wrapped__() == want  # a source tree without install metadata
+
+
+def test_the_pipeline_layers_import_no_upper_floor():
+    """pipeline/ and tfrecord_writer/ never import drpipe/, training/ or TensorFlow (one
+    deferred import: schema.tf_feature_spec, for the training reader)."""
+    root = Path(__file__).parents[1]
+    found = []
+    for path in sorted([*root.glob("pipeline/*.py"), *root.glob("tfrecord_writer/*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                if name.split(".")[0] in ("drpipe", "training", "tensorflow", "keras"):
+                    found.append(f"{path.relative_to(root)} {name}")
+    assert found == ["tfrecord_writer/schema.py tensorflow"]
+
+
+def test_replacing_renames_when_whole_and_removes_when_refused(tmp_path):
+    from tfrecord_writer.files import atomic_write_bytes, replacing
+
+    target = tmp_path / "shard.tfrecord"
+    atomic_write_bytes(target, b"old")
+    with pytest.raises(ValueError, match="refused"), replacing(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise ValueError("refused")  # e.g. a download whose SHA-256 is wrong
+    assert target.read_bytes() == b"old" and sorted(tmp_path.iterdir()) == [target]
+    with replacing(target) as tmp:
+        assert tmp.name.startswith(".") and tmp.name.endswith(".drpipe.tmp")
+        tmp.write_bytes(b"new")
+        assert target.read_bytes() == b"old"  # the final name is untouched until the end
+    assert target.read_bytes() == b"new" and sorted(tmp_path.iterdir()) == [target]

@@ -21,11 +21,18 @@ information (it has a ``drpipe_version`` key); :func:`load_info` reads both.
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import json
 from pathlib import Path
 
-from tfrecord_writer.schema import FEATURES
-from tfrecord_writer.writer import atomic_write_bytes
+from tfrecord_writer.files import atomic_write_bytes
+from tfrecord_writer.schema import FEATURES, GRADE_NAMES
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 INFO_FILE = "dataset_info.json"  # the TFDS DatasetInfo; the completion marker
 DRPIPE_INFO_FILE = "drpipe_info.json"
@@ -42,9 +49,23 @@ TFDS_VERSION = "1.0.0"
 FILEPATH_TEMPLATE = "{SPLIT}-{SHARD_X_OF_Y}.{FILEFORMAT}"
 IMAGE_KEY = "image/encoded"
 LABEL_KEY = "image/class/label"
-GRADE_NAMES = ("no_dr", "mild", "moderate", "severe", "proliferative")
 
 _TFDS = "tensorflow_datasets.core.features."
+
+
+@functools.cache
+def drpipe_version() -> str:
+    """The version of drpipe recorded with its outputs: the installed distribution's
+    (``importlib.metadata``), or, in a source tree run without installing it, the version
+    in its ``pyproject.toml``."""
+    try:
+        return importlib.metadata.version("drpipe")
+    except importlib.metadata.PackageNotFoundError:
+        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+        try:
+            return tomllib.loads(pyproject.read_text())["project"]["version"]
+        except (OSError, KeyError, tomllib.TOMLDecodeError):
+            return "0+unknown"
 
 
 def has_info(data_dir: str | Path) -> bool:

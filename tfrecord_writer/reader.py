@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import simplejpeg
+from PIL import Image
 
 from tfrecord_writer.example import iter_records, parse_example
 from tfrecord_writer.info import load_info
@@ -57,13 +59,9 @@ def decode_image_bytes(encoded: bytes) -> np.ndarray:
     """A stored JPEG or PNG to a uint8 RGB array (height x width x 3), pixel for pixel what
     TensorFlow (``tf.io.decode_image``, tf.data, TFDS) decodes."""
     if encoded[:3] == b"\xff\xd8\xff":
-        import simplejpeg
-
         # TensorFlow's decode_jpeg default is libjpeg's fast integer IDCT with fancy
         # upsampling; Pillow and OpenCV use the accurate IDCT and differ by a few levels.
         return simplejpeg.decode_jpeg(encoded, colorspace="RGB", fastdct=True,
                                       fastupsample=False)
-    from PIL import Image
-
     with Image.open(io.BytesIO(encoded)) as im:
         return np.asarray(im.convert("RGB"))

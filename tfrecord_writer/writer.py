@@ -1,9 +1,8 @@
 """Shard naming and the shard writer: open, write, commit atomically, nothing else.
 
 A shard is written under a temporary name in the same directory and renamed to its final
-name only after it is complete and fsynced, so a file with a final name is always whole:
-a crash leaves at most a ``.NAME.PID.drpipe.tmp`` file, which the next run removes and
-rewrites. The temporary names are drpipe's own: a user's ``*.tmp`` is never touched.
+name only after it is complete and fsynced (:mod:`tfrecord_writer.files`), so a file with a
+final name is always whole.
 """
 
 from __future__ import annotations
@@ -12,15 +11,16 @@ import os
 from pathlib import Path
 
 from tfrecord_writer.example import frame_record, serialize_example
+
+# Re-exported for callers that import the file helpers from here (drpipe/, training/).
+from tfrecord_writer.files import (  # noqa: F401
+    TMP_SUFFIX,
+    atomic_write_bytes,
+    fsync_dir,
+    remove_temporaries,
+    temporary_name,
+)
 from tfrecord_writer.schema import Record
-
-TMP_SUFFIX = ".drpipe.tmp"
-
-
-def temporary_name(path: Path) -> Path:
-    """``dir/.NAME.PID.drpipe.tmp``: hidden, unique to this process and to drpipe."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
 
 
 def shard_name(split: str, index: int, count: int) -> str:
@@ -46,17 +46,6 @@ def plan_shards(sizes: list[int], target_bytes: int) -> list[int]:
         out.append(min(count - 1, int((acc + s / 2) // per)))
         acc += s
     return out
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a whole file under a temporary name, fsync, rename over the final name."""
-    path = Path(path)
-    tmp = temporary_name(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class ShardWriter:
@@ -88,7 +77,7 @@ class ShardWriter:
         os.fsync(self._f.fileno())
         self._f.close()
         os.replace(self._tmp, self.path)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)  # the rename too
 
     def abort(self) -> None:
         self._f.close()
@@ -102,27 +91,3 @@ class ShardWriter:
             self.commit()
         else:
             self.abort()
-
-
-def _fsync_dir(d: Path) -> None:
-    # The rename itself must survive a power cut, not only the file's data.
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def remove_temporaries(directory: Path) -> int:
-    """Delete leftovers of drpipe's interrupted writes (``.*.drpipe.tmp``, the names
-    :func:`temporary_name` makes; nothing else). Returns how many."""
-    n = 0
-    for p in Path(directory).glob(f".*{TMP_SUFFIX}"):
-        p.unlink(missing_ok=True)
-        n += 1
-    return n

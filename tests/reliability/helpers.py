@@ -1,9 +1,9 @@
-"""Shared helpers for the fault-injection suite."""
+"""Shared helpers for the fault-injection suite (and, from tests/helpers.py, the ones every
+suite uses)."""
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import os
 import shutil
 import signal
@@ -12,9 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.test_cli import DRPIPE
-
-OUTPUTS = ("*.tfrecord", "data_manifest.csv", "manifest.parquet")
+from tests.helpers import DRPIPE, OUTPUTS, digest, drpipe  # noqa: F401 - re-exported
 
 
 def start(*args) -> subprocess.Popen:
@@ -39,19 +37,6 @@ def kill_when(proc: subprocess.Popen, condition, timeout: float = 300) -> bool:
     return met
 
 
-def drpipe(*args, timeout=300, user=None, check=False, **kw) -> subprocess.CompletedProcess:
-    """Run the real CLI; ``user="nobody"`` runs it unprivileged (root ignores file modes)."""
-    cmd = [DRPIPE, *map(str, args)]
-    env = dict(os.environ)
-    if user and os.geteuid() == 0:
-        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
-        env["HOME"] = tempfile.gettempdir()
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, **kw)
-    if check and r.returncode:
-        raise AssertionError(f"exit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
-    return r
-
-
 def can_drop_privileges() -> bool:
     return os.geteuid() != 0 or shutil.which("setpriv") is not None
 
@@ -61,11 +46,6 @@ def shared_tmp() -> Path:
     d = Path(tempfile.mkdtemp(prefix="drpipe-rel-"))
     d.chmod(0o777)
     return d
-
-
-def digest(out: Path) -> dict[str, str]:
-    files = sorted(p for pat in OUTPUTS for p in out.glob(pat))
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
 def manifest(out: Path) -> dict[str, dict]:

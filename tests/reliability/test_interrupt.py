@@ -7,22 +7,15 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import pytest
-
-from pipeline.synth import synth_dataset
+from tests.helpers import synth_source
 from tests.reliability.helpers import digest, drpipe
 from tests.test_cli import DRPIPE
 
 ARGS = ["--workers", "1", "--size", "64", "--shard-size", "0.05", "--quiet"]
 
 
-@pytest.fixture(scope="module")
-def raw(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("int-raw")
-    synth_dataset(root, n=96, seed=9)
-    return root
+raw = synth_source(n=96, seed=9, folder="int-raw")
 
 
 def test_ctrl_c_is_one_line_exit_130_and_resumable(raw, tmp_path):

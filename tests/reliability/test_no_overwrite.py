@@ -9,19 +9,13 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
-
-from pipeline.synth import synth_dataset
+from tests.helpers import synth_source
 from tests.reliability.helpers import drpipe, no_traceback
 
 ARGS = ["--workers", "1", "--size", "64", "--shard-size", "0.02", "--quiet"]
 
 
-@pytest.fixture(scope="module")
-def raw(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("nov-raw")
-    synth_dataset(root, n=12, seed=3)
-    return root
+raw = synth_source(n=12, seed=3, folder="nov-raw")
 
 
 def _refused(r, path: Path, before: bytes, code: int = 2) -> None:

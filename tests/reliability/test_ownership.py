@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.synth import synth_dataset
+from tests.helpers import same_stem_folders, synth_source
 from tests.reliability.helpers import digest, drpipe, no_traceback
 
 ARGS = ["--workers", "1", "--size", "64", "--shard-size", "0.02", "--quiet"]
@@ -21,11 +21,7 @@ def _sha(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
-@pytest.fixture(scope="module")
-def raw(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("own-raw")
-    synth_dataset(root, n=24, seed=5)
-    return root
+raw = synth_source(n=24, seed=5, folder="own-raw")
 
 
 @pytest.fixture(scope="module")
@@ -104,11 +100,7 @@ def test_temporaries_are_drpipe_names(raw, tmp_path):
 
 def test_preview_never_replaces_an_input_or_another_output(raw, tmp_path):
     photos = sorted((raw / "train").glob("*.jpeg"))
-    a, b = tmp_path / "a", tmp_path / "b"
-    a.mkdir()
-    b.mkdir()
-    shutil.copy(photos[0], a / "10_left.jpeg")
-    shutil.copy(photos[1], b / "10_left.jpeg")  # the same stem, another photo
+    a, b = same_stem_folders(tmp_path, photos, "10_left")
     shutil.copy(photos[2], a / "contact_sheet.jpeg")  # a photo named like the sheet
     originals = {p: _sha(p) for p in [*a.iterdir(), *b.iterdir()]}
 

@@ -7,11 +7,11 @@ import errno
 import os
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
 from pipeline.synth import synth_dataset
+from tests.helpers import synth_source
 from tests.reliability.helpers import (
     committed_shards_whole,
     digest,
@@ -24,11 +24,7 @@ from tests.test_cli import DRPIPE
 ARGS = ["--workers", "1", "--shard-size", "0.2", "--quiet"]
 
 
-@pytest.fixture(scope="module")
-def raw(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("raw")
-    synth_dataset(root, n=160, seed=11)
-    return root
+raw = synth_source(n=160, seed=11)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.synth import synth_dataset
+from tests.helpers import synth_source
 from tests.reliability.helpers import drpipe, manifest, no_traceback
 from tfrecord_writer.info import load_info
 
@@ -21,11 +21,7 @@ ARGS = ["--workers", "1", "--size", "64", "--quiet"]
 MARK = "\"'><i id=pwn>"  # breaks out of an attribute, then opens an element
 
 
-@pytest.fixture(scope="module")
-def raw(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("sec-raw")
-    synth_dataset(root, n=12, seed=3)
-    return root
+raw = synth_source(n=12, seed=3, folder="sec-raw")
 
 
 def _copy(raw: Path, to: Path) -> Path:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import same_stem_folders, synth_shards
 from tests.training.test_train import drpipe
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -18,9 +19,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 @pytest.fixture(scope="module")
 def made(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("outs")
-    drpipe("synth", "--out", d / "raw", "--n", 24, "--seed", 8, "--quiet")
-    drpipe("preprocess", "--src", d / "raw", "--out", d / "shards", "--size", 64,
-           "--split", "train=0.5,val=0.5", "--workers", 1, "--quiet")
+    synth_shards(d, 24, 8, 64, "train=0.5,val=0.5", "--workers", 1, run=drpipe)
     r = drpipe("train", "--data", d / "shards", "--model", "cnn-small", "--image-size", 32,
                "--epochs", 1, "--batch-size", 8, "--out", d / "run", "--precise-bn", 0)
     (d / "train.stderr").write_text(r.stderr)
@@ -71,11 +70,7 @@ def test_explain_checks_every_write_and_never_collides(made, tmp_path):
     import cv2
 
     photos = sorted((made / "raw/train").glob("*.jpeg"))
-    a, b = tmp_path / "a", tmp_path / "b"
-    a.mkdir()
-    b.mkdir()
-    shutil.copy(photos[0], a / "p.jpeg")
-    shutil.copy(photos[1], b / "p.jpeg")  # one stem, two photos
+    a, b = same_stem_folders(tmp_path, photos, "p")
     maps = tmp_path / "maps"
     maps.mkdir()
     (maps / "p_gradcam.png").write_bytes(b"a user's file")

@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 
+from tests.helpers import synth_shards
 from tests.training.test_train import drpipe
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -17,9 +18,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     d = tmp_path_factory.mktemp("pred")
-    drpipe("synth", "--out", d / "raw", "--n", 40, "--seed", 4, "--quiet")
-    drpipe("preprocess", "--src", d / "raw", "--out", d / "shards", "--size", 96,
-           "--filter", "graham+clahe", "--split", "train=0.5,val=0.5", "--workers", 1, "--quiet")
+    synth_shards(d, 40, 4, 96, "train=0.5,val=0.5", "--filter", "graham+clahe",
+                 "--workers", 1, run=drpipe)
     drpipe("train", "--data", d / "shards", "--model", "cnn-small", "--image-size", 64,
            "--epochs", 1, "--batch-size", 8, "--out", d / "run")
     return d

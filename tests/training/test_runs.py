@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import synth_shards
 from tests.training.test_train import drpipe
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -23,9 +24,7 @@ TINY = ("--model", "cnn-small", "--image-size", 32, "--epochs", 1, "--batch-size
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("runs")
-    drpipe("synth", "--out", d / "raw", "--n", 40, "--seed", 5, "--quiet")
-    drpipe("preprocess", "--src", d / "raw", "--out", d / "shards", "--size", 64,
-           "--split", "train=0.5,val=0.25,test=0.25", "--workers", 1, "--quiet")
+    synth_shards(d, 40, 5, 64, "train=0.5,val=0.25,test=0.25", "--workers", 1, run=drpipe)
     drpipe("train", "--data", d / "shards", *TINY, "--out", d / "run")
     return d
 

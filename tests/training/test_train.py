@@ -5,34 +5,28 @@ from __future__ import annotations
 import csv
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.helpers import drpipe as run_drpipe
+from tests.helpers import synth_shards
 from tests.reliability.helpers import kill_when, start
-from tests.test_cli import DRPIPE
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def drpipe(*args, check=True, cwd=None):
-    r = subprocess.run([DRPIPE, *map(str, args)], capture_output=True, text=True, cwd=cwd,
-                       timeout=900)
-    if check and r.returncode:
-        raise AssertionError(f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-    return r
+    """The real CLI, checked (training commands may take minutes)."""
+    return run_drpipe(*args, check=check, cwd=cwd, timeout=900, tail=3000)
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     """400 synthetic photos of 200 patients, 128 px, 70/15/15."""
-    d = tmp_path_factory.mktemp("train")
-    drpipe("synth", "--out", d / "raw", "--n", 400, "--seed", 1, "--quiet")
-    drpipe("preprocess", "--src", d / "raw", "--out", d / "shards", "--size", 128,
-           "--split", "train=0.7,val=0.15,test=0.15", "--quiet")
-    return d / "shards"
+    return synth_shards(tmp_path_factory.mktemp("train"), 400, 1, 128,
+                        "train=0.7,val=0.15,test=0.15", run=drpipe)
 
 
 def history(run: Path) -> list[dict]:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import synth_shards
 from tests.reliability.helpers import kill_when, start
 from tests.training.test_train import drpipe, history
 
@@ -22,9 +23,7 @@ def tuned(tmp_path_factory) -> Path:
     """500 synthetic photos 60/20/20 (100 to score on: kappa on fewer moves by a photo's
     worth); a tuning over seed (1, 2, 3) at one lr and batch size."""
     d = tmp_path_factory.mktemp("tune")
-    drpipe("synth", "--out", d / "raw", "--n", 500, "--seed", 3, "--quiet")
-    drpipe("preprocess", "--src", d / "raw", "--out", d / "shards", "--size", 128,
-           "--split", "train=0.6,val=0.2,test=0.2", "--quiet")
+    synth_shards(d, 500, 3, 128, "train=0.6,val=0.2,test=0.2", run=drpipe)
     drpipe("tune", "--data", d / "shards", "--lr", "1e-3", "--batch-size", "16",
            "--grid", "seed=1,2,3", "--model", "resnetv2-small", "--image-size", 96,
            "--epochs", 8, "--augment", "flip", "--out", d / "tune")
