@@ -118,7 +118,10 @@ def _fit_circle(contour: np.ndarray, shape: tuple[int, int]) -> Circle:
     return Circle(cx, cy, r + 0.5)
 
 
-RANSAC_TRIALS = 192
+# Trials: the winner only selects the inliers that the least-squares fit then uses, so few
+# are needed; on the 31 EyePACS photos and the 200 demo photos 64 give the circles of 192
+# to within 0.04 % of the radius (0.17 % on one demo photo), at a third of the cost.
+RANSAC_TRIALS = 64
 
 
 @lru_cache(maxsize=4096)
