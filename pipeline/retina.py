@@ -238,17 +238,18 @@ def crop_to_retina(rgb: np.ndarray, circle: Circle, size: int) -> Crop:
     else:
         out = np.zeros((size, size, 3), np.uint8)
     if ox1 > ox0 and oy1 > oy0:
-        part = shrink(rgb[sy0:sy1, sx0:sx1], side / size, (ox1 - ox0, oy1 - oy0))
         if out is None:
-            out = part
-        else:
-            out[oy0:oy1, ox0:ox1] = part
+            out = shrink(rgb[sy0:sy1, sx0:sx1], side / size, (size, size))
+        else:  # resized straight into its place in the black square
+            shrink(rgb[sy0:sy1, sx0:sx1], side / size, (ox1 - ox0, oy1 - oy0),
+                   dst=out[oy0:oy1, ox0:ox1])
     elif out is None:
         out = np.zeros((size, size, 3), np.uint8)
     return Crop(out, circle.r * size / side, (ox0, oy0, ox1, oy1))
 
 
-def shrink(rgb: np.ndarray, ratio: float, dsize: tuple[int, int]) -> np.ndarray:
+def shrink(rgb: np.ndarray, ratio: float, dsize: tuple[int, int],
+           dst: np.ndarray | None = None) -> np.ndarray:
     """Resize ``rgb`` to ``dsize`` (w, h), ``ratio`` source pixels per output pixel.
 
     Shrinking: a Gaussian prefilter (sigma 0.42 x ratio, the width of an area average)
@@ -256,13 +257,14 @@ def shrink(rgb: np.ndarray, ratio: float, dsize: tuple[int, int]) -> np.ndarray:
     here) is its slow generic path, 2.8-6.9 ms at 512 px, and still passes detail beyond
     the output's Nyquist frequency (it is a box: a grating at 1.6 output pixels per cycle
     keeps 29 of 71 grey levels of amplitude); this costs ~1 ms and keeps 13-14
-    (docs/BENCHMARKS.md, tests/test_retina.py). Cubic when enlarging.
+    (docs/BENCHMARKS.md, tests/test_retina.py). Cubic when enlarging. ``dst``: an array
+    of that size to write into (e.g. a view into a larger one), returned.
     """
     if ratio <= 1.0:
-        return cv2.resize(rgb, dsize, interpolation=cv2.INTER_CUBIC)
+        return cv2.resize(rgb, dsize, dst=dst, interpolation=cv2.INTER_CUBIC)
     k = 2 * int(ratio) + 1
     blurred = cv2.GaussianBlur(rgb, (k, k), SHRINK_SIGMA * ratio)
-    return cv2.resize(blurred, dsize, interpolation=cv2.INTER_LINEAR)
+    return cv2.resize(blurred, dsize, dst=dst, interpolation=cv2.INTER_LINEAR)
 
 
 SHRINK_SIGMA = 0.42  # Gaussian sigma per source pixel per output pixel when shrinking
