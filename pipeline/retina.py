@@ -143,25 +143,30 @@ def _ransac_inliers(pts: np.ndarray) -> np.ndarray:
     """
     full, pts = pts, pts[::2]  # neighbours on a contour add cost, not information
     n = len(pts)
-    tri = pts[_triples(n)]
-    (ax, ay), (bx, by), (qx, qy) = tri[:, 0].T, tri[:, 1].T, tri[:, 2].T
-    d = 2 * (ax * (by - qy) + bx * (qy - ay) + qx * (ay - by))
+    tri = pts[_triples(n)]  # trials x 3 x 2
+    # Circumcentres, relative to each triple's first point a.
+    a = tri[:, 0]
+    b, c = tri[:, 1] - a, tri[:, 2] - a
+    b2, c2 = (b * b).sum(axis=1), (c * c).sum(axis=1)
+    d = 2 * (b[:, 0] * c[:, 1] - b[:, 1] * c[:, 0])
     ok = np.abs(d) > 1e-6
-    d = np.where(ok, d, 1.0)
-    a2, b2, q2 = ax * ax + ay * ay, bx * bx + by * by, qx * qx + qy * qy
-    ux = (a2 * (by - qy) + b2 * (qy - ay) + q2 * (ay - by)) / d
-    uy = (a2 * (qx - bx) + b2 * (ax - qx) + q2 * (bx - ax)) / d
-    r = np.hypot(ax - ux, ay - uy)
+    d[~ok] = 1.0
+    vx, vy = (c[:, 1] * b2 - b[:, 1] * c2) / d, (b[:, 0] * c2 - c[:, 0] * b2) / d
+    r = np.hypot(vx, vy)
+    ux, uy = a[:, 0] + vx, a[:, 1] + vy
     tol = np.maximum(1.5, 0.012 * r)
     # |dist - r| < tol  <=>  |dist^2 - r^2 - tol^2| < 2 r tol (for r >= tol), and
     # dist^2 - r^2 is linear in (x, y, x^2 + y^2, 1): one matrix product scores every trial.
-    m = np.column_stack([pts, (pts * pts).sum(axis=1), np.ones(n)])
+    m = np.empty((n, 4))
+    m[:, :2] = pts
+    m[:, 2] = (pts * pts).sum(axis=1)
+    m[:, 3] = 1.0
     v = np.stack([-2 * ux, -2 * uy, np.ones_like(ux), ux * ux + uy * uy - r * r - tol * tol])
     e = m @ v
     np.abs(e, out=e)
     score = np.where(ok, (e < 2 * r * tol).sum(axis=0), -1)
-    b = int(np.argmax(score))
-    return np.abs(np.hypot(full[:, 0] - ux[b], full[:, 1] - uy[b]) - r[b]) < tol[b]
+    k = int(np.argmax(score))
+    return np.abs(np.hypot(full[:, 0] - ux[k], full[:, 1] - uy[k]) - r[k]) < tol[k]
 
 
 def _kasa(pts: np.ndarray) -> tuple[float, float, float]:
