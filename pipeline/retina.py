@@ -19,7 +19,8 @@ import numpy as np
 
 # The fit runs on a thumbnail (~140-160 px across): the synthetic and real-photo tests
 # recover discs within 2 %; on the 31 EyePACS photos the fit moves by at most 0.3 % of the
-# radius from a ~240 px thumbnail, and find_retina costs ~1.4 ms instead of ~2.9 (issue 15).
+# radius from a ~240 px thumbnail, and find_retina cost ~1.4 ms instead of ~2.9 (issue 15;
+# ~0.5 ms since RANSAC and the mask were made cheaper, docs/BENCHMARKS.md).
 THUMB_LONG_SIDE = 160
 
 
