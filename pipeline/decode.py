@@ -127,8 +127,8 @@ def read_info(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
 
 def _exif_orientation(data: bytes) -> int:
     # EXIF lives in an APP1 segment near the start; most fundus JPEGs have none, and looking
-    # for its signature is cheaper than letting Pillow parse the headers (~0.2 ms).
-    if data[:3] == b"\xff\xd8\xff" and b"Exif\x00\x00" not in data[:65536]:
+    # for it is cheaper than letting Pillow parse the headers (~0.2 ms).
+    if data[:3] == b"\xff\xd8\xff" and not _jpeg_has_exif(data):
         return 1
     # Image.open parses headers lazily; getexif() reads the APP1/IFD0 only.
     try:
@@ -139,6 +139,28 @@ def _exif_orientation(data: bytes) -> int:
     except Exception:  # a damaged EXIF block must not reject an otherwise good photo
         return 1
     return value if 1 <= value <= 8 else 1
+
+
+def _jpeg_has_exif(data: bytes) -> bool:
+    """Whether a JPEG's header segments (before the scan) hold an EXIF APP1 segment. Walks
+    the segment lengths (a few steps, ~3 us); searching the first 64 KB for the signature
+    took ~0.1 ms. Where the segments do not parse, the search decides, as it used to."""
+    i, n = 2, min(len(data), 1 << 20)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            break
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif marker in (0xDA, 0xD9):  # start of scan, end of image: no more headers
+            return False
+        elif 0xD0 <= marker <= 0xD7 or marker in (0x01, 0xD8):  # no length field
+            i += 2
+        else:
+            if marker == 0xE1 and data[i + 4:i + 10] == b"Exif\x00\x00":
+                return True
+            i += 2 + ((data[i + 2] << 8) | data[i + 3])
+    return data.find(b"Exif\x00\x00", 0, 65536) >= 0
 
 
 def choose_dct_factor(short_side: int, target_diameter: int) -> int:

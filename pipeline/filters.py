@@ -118,17 +118,26 @@ def _gaussian_blur(rgb: np.ndarray, sigma: float) -> np.ndarray:
     """Gaussian blur; for wide kernels, blur at a reduced resolution and scale back.
 
     A Gaussian of sigma >= 4 px has almost no energy near the Nyquist frequency of a 2x
-    reduction (sigma >= 8: of a 4x one), so blurring an area-downsampled copy with sigma/2
-    (sigma/4) and upsampling bilinearly is much cheaper (6.5 -> 1.9 -> 0.8 ms at 512 px,
-    where sigma = 256/30) and differs from the full-size blur by at most 2 grey levels
-    inside the disc, mean 0.15 (2x) / 0.17 (4x) on the EyePACS sample (tests/test_filters.py).
+    reduction (sigma >= 8: of a 4x one), so blurring an area-downsampled copy and
+    upsampling it bilinearly is much cheaper (6.5 ms at full size, 1.9 at 2x, 0.8 at 4x at
+    512 px, where sigma = 256/30). The reduced blur's sigma leaves room for the blur the
+    two resizes add (the f-pixel box, variance ~f^2/12; bilinear upsampling's triangle,
+    ~f^2/6): without that the 4x blur is 3 grey levels off, with it at most 2 and mean
+    0.16 from the full-size blur inside the disc on the 31 EyePACS photos, as at 2x
+    (tests/test_filters.py, docs/BENCHMARKS.md).
     """
     if sigma < 4:
         return cv2.GaussianBlur(rgb, (0, 0), sigma)
     h, w = rgb.shape[:2]
-    f = 2
-    small = cv2.resize(rgb, (max(1, w // f), max(1, h // f)), interpolation=cv2.INTER_AREA)
-    small = cv2.sepFilter2D(small, -1, *(_gaussian_kernel(sigma / f),) * 2)
+    f = 4 if sigma >= 8 else 2
+    small = rgb
+    for _ in range(f // 2):  # 2x area steps: OpenCV's 4x area reduction costs 3x as much
+        small = cv2.resize(small, (max(1, small.shape[1] // 2), max(1, small.shape[0] // 2)),
+                           interpolation=cv2.INTER_AREA)
+    s = float(np.sqrt(sigma * sigma - f * f / 4)) / f
+    # Each 2x area step rounds quarters half up, +1/8 of a level on average: taken off here.
+    small = cv2.sepFilter2D(small, -1, *(_gaussian_kernel(round(s, 6)),) * 2,
+                            delta=-0.125 * (f // 2))
     return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
 
 
