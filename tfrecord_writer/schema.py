@@ -39,6 +39,7 @@ FEATURES: dict[str, tuple[str, type]] = {
 QUALITY_UNKNOWN = (-1.0, b"")
 
 REFERABLE_MIN_GRADE = 2  # "referable" DR: moderate non-proliferative or worse
+N_GRADES = 5  # DR grades 0-4 (International Clinical DR scale)
 
 
 @dataclass(frozen=True)
