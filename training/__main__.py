@@ -18,6 +18,11 @@ import json
 import os
 import sys
 
+from drpipe.tflogs import install
+from training import WeightsUnavailable
+from training.fit import OptionError, metrics_line, new_config, resume_config, train
+from training.runs import RunError
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training")
@@ -28,12 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from drpipe.tflogs import install
-
-    install()  # TensorFlow's native start-up lines hidden, as under drpipe
-    from training import WeightsUnavailable
-    from training.fit import OptionError, metrics_line, new_config, resume_config, train
-    from training.runs import RunError
+    install()  # TensorFlow's native start-up lines hidden, as under drpipe (no TF yet)
 
     try:
         cfg = (resume_config(args.resume) if args.resume

@@ -27,10 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.versions import resolve
 from tfrecord_writer.schema import N_GRADES, REFERABLE_MIN_GRADE
 from tfrecord_writer.writer import atomic_write_bytes
+from training import MODEL_NAMES, runs
 from training import metrics as M
-from training import runs
 from training.config import TrainConfig, default_run_dir  # noqa: F401 - re-exported
 from training.runs import load_config, model_path  # noqa: F401 - re-exported
 
@@ -53,9 +54,6 @@ def new_config(options: dict, data_version: int | None = None) -> TrainConfig:
     the model checked, the run directory defaulted, ``data`` resolved to the folder of
     ``data_version`` (docs/FORMAT.md, "Versions"; default the latest), made absolute so that
     predict and evaluate run from anywhere."""
-    from pipeline.versions import resolve
-    from training import MODEL_NAMES
-
     kw = dict(options)
     if kw["model"] not in MODEL_NAMES:
         raise OptionError(f"unknown model {kw['model']!r}; choose from {', '.join(MODEL_NAMES)}",

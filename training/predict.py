@@ -25,6 +25,7 @@ from pipeline.sources import expand_photo_paths
 from tfrecord_writer.schema import N_GRADES, REFERABLE_MIN_GRADE
 from tfrecord_writer.writer import atomic_write_bytes
 from training import runs
+from training.export import runner
 from training.metrics import decide
 from training.runs import process_config_of  # noqa: F401 - re-exported
 
@@ -70,8 +71,6 @@ def predict_photos(run: str | Path, sources, checkpoint: str = "final",
     cfg = runs.load_config(run)
     to_input = photo_input(runs.process_config(run, cfg.data), cfg.image_size)  # as trained
     if exported:
-        from training.export import runner
-
         model = runner(exported, threads=os.cpu_count() or 1)
     else:
         keras_model = keras.saving.load_model(runs.model_path(run, checkpoint))
@@ -109,7 +108,7 @@ def predict(run: str | Path, sources, checkpoint: str = "final", progress=None,
             exported: str | Path | None = None) -> list[Prediction]:
     """``drpipe predict``: a run's, or an ensemble directory's, grades for photos."""
     if runs.is_ensemble(run):
-        from training.ensemble import predict_photos as ensemble_predict
+        from training.ensemble import predict_photos as ensemble_predict  # imports this module
 
         return ensemble_predict(run, sources, progress=progress)
     return predict_photos(run, sources, checkpoint, progress=progress, exported=exported)

@@ -189,7 +189,7 @@ def write_config(run: Path, config: dict, data_dir: str | Path) -> None:
 
 
 def _process(proc: dict):
-    from pipeline.filters import FilterParams  # deferred: pipeline.process loads cv2
+    from pipeline.filters import FilterParams  # deferred: OpenCV, for what reads runs only
     from pipeline.process import ProcessConfig
 
     proc = dict(proc)
