@@ -128,10 +128,11 @@ def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarr
 def check_explain(run: Path, images, out: Path) -> tuple[list[Path], list[Path]]:
     """(the photos, where each panel goes), once ``run`` can grade photos (a final model, its
     preprocessing) and ``out`` can be written (RunError, ExplainError)."""
-    runs.check_servable(run)
+    runs.require_model(run)
     if out.suffix.lower() in IMAGE_SUFFIXES and os.path.lexists(out):
         raise ExplainTargetRefused(f"--out {out} exists; explain never replaces a file (move it "
                                    "away, or give a folder: the next free name is used there)")
+    runs.check_servable(run)
     files = expand_photo_paths(images)
     return files, plan_targets(files, out)
 
