@@ -37,7 +37,6 @@ MODEL = "model.keras"  # the final model
 BEST = "checkpoints/best.keras"  # best by validation kappa
 METRICS = "metrics.json"  # validation metrics (and a regression run's cut points)
 ENSEMBLE = "ensemble.json"  # what drpipe ensemble fitted: marks an ensemble's directory
-CHECKPOINTS = ("final", "best")
 DATA_KEY = "data_identity"  # config.json key of the recorded data identity
 # What decides the pixels a model sees: compared when other shards are given with --data.
 PROCESS_KEY = "process"
