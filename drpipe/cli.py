@@ -15,7 +15,6 @@ Exit codes (documented in README.md):
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import sys
 from pathlib import Path
@@ -499,77 +498,30 @@ def train(resume, data_version, **kw):
     import os
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from training import MODEL_NAMES, WeightsUnavailable
-    from training.fit import TrainConfig, TrainError, default_run_dir, load_config
+    from training import WeightsUnavailable
+    from training.fit import OptionError, metrics_line, new_config, resume_config
     from training.fit import train as run_training
     from training.runs import RunError
 
-    if resume:
-        if data_version is not None:
-            raise click.UsageError("--version applies to a new run; --resume keeps the data "
-                                   "version the run was trained on")
-        try:
-            cfg = load_config(resume)
-        except RunError as e:
-            raise DrpipeError(str(e)) from None
-        cfg = _resume_config(cfg, resume, kw)
-    else:
-        if kw["model"] not in MODEL_NAMES:
-            raise click.BadParameter(f"unknown model {kw['model']!r}; choose from "
-                                     f"{', '.join(MODEL_NAMES)}", param_hint="--model")
-        kw["out"] = kw["out"] or default_run_dir()
-        from pipeline.versions import resolve
-
-        try:  # a versioned output: the version's folder (docs/FORMAT.md, "Versions")
-            data = resolve(kw["data"], data_version)
-        except FileNotFoundError as e:
-            raise click.BadParameter(str(e), param_hint="--version") from None
-        kw["data"] = str(Path(data).resolve())  # predict/evaluate run from anywhere
-        cfg = TrainConfig(**kw)
+    ctx = click.get_current_context()
+    try:
+        if resume:  # the options given with it must agree with the run
+            cfg = resume_config(resume, {k: v for k, v in kw.items() if ctx.get_parameter_source(
+                k) not in (None, click.core.ParameterSource.DEFAULT)}, data_version)
+        else:
+            cfg = new_config(kw, data_version)
+    except OptionError as e:
+        if e.param:
+            raise click.BadParameter(str(e), param_hint=e.param) from None
+        raise click.UsageError(str(e)) from None
+    except RunError as e:
+        raise DrpipeError(str(e)) from None
     _need_shards(cfg.data)
     try:
         result = run_training(cfg, resume=bool(resume), log=click.echo)
-    except (TrainError, RunError, WeightsUnavailable, FileNotFoundError, ValueError) as e:
+    except (RunError, WeightsUnavailable, FileNotFoundError, ValueError) as e:
         raise DrpipeError(str(e)) from None
-    _echo_metrics(result, cfg.out)
-
-
-def _resume_config(cfg, resume: Path, kw: dict):
-    """``train --resume DIR``: DIR's own configuration, for DIR itself (a moved or copied run
-    resumes where it is, not at the ``out`` it was started with). An option given with it
-    must agree with the run: a different value is refused, never ignored."""
-    import dataclasses
-
-    ctx = click.get_current_context()
-    recorded = dataclasses.asdict(cfg)
-    for name, value in kw.items():
-        source = ctx.get_parameter_source(name)
-        if source in (None, click.core.ParameterSource.DEFAULT) or name not in recorded:
-            continue
-        if name == "out":
-            same = value is not None and Path(value).resolve() == Path(resume).resolve()
-        elif name == "data":  # the output itself, or the version folder the run trained on
-            rec = Path(recorded[name]).resolve()
-            output = rec.parent.parent if rec.parent.name == "versions" else rec
-            same = value is not None and Path(value).resolve() in (rec, output)
-        else:
-            same = value == recorded[name] or (isinstance(value, tuple)
-                                               and list(value) == list(recorded[name]))
-        if not same:
-            flag = "--" + name.replace("_", "-")
-            raise click.UsageError(f"--resume {resume}: {flag} {value} conflicts with the "
-                                   f"run's {recorded[name]!r}; a resumed run keeps its "
-                                   "configuration (start a new run to change it)")
-    return dataclasses.replace(cfg, out=str(resume))
-
-
-def _echo_metrics(r: dict, run) -> None:
-    line = f"{r['split']}: n={r['n']}, quadratic kappa {r['quadratic_kappa']:.3f}"
-    line += f", accuracy {r['accuracy']:.3f}"
-    if "auc" in r:
-        line += (f", AUC {r['auc']:.3f}, sensitivity {r['sensitivity']:.3f}, "
-                 f"specificity {r['specificity']:.3f}")
-    click.echo(line + f"  ({run})")
+    click.echo(metrics_line(result, cfg.out))
 
 
 @main.command()
@@ -590,17 +542,17 @@ def evaluate(run, data, split, checkpoint, min_quality):
     import os
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from training.fit import TrainError
     from training.fit import evaluate as run_eval
+    from training.fit import metrics_line
     from training.runs import RunError
 
     try:
         r = run_eval(run, data, split, checkpoint,
                      "run" if min_quality is None else None if min_quality == "all"
                      else min_quality)
-    except (TrainError, RunError, FileNotFoundError) as e:
+    except (RunError, FileNotFoundError) as e:
         raise DrpipeError(str(e)) from None
-    _echo_metrics(r, run)
+    click.echo(metrics_line(r, run))
 
 
 @main.command()
@@ -630,47 +582,29 @@ def predict(run, sources, out, checkpoint, exported):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from tqdm import tqdm
 
+    from pipeline.sources import expand_photo_paths
     from training.ensemble import EnsembleError
-    from training.fit import TrainError, load_config, model_path
-    from training.predict import PRED_HEADER
-    from training.runs import RunError, recorded_identity
+    from training.predict import PRED_HEADER, check_predictor, write_csv
+    from training.predict import predict as run_predict
+    from training.runs import RunError, is_ensemble
 
     _check_replaceable(out, "--out", "a drpipe predictions CSV",  # before any model loads
                        outputs.csv_header_is(PRED_HEADER), sources)
-    ensemble = (run / "ensemble.json").exists()
-    members = [run]
-    if ensemble:
-        if exported:
-            raise click.UsageError("--exported applies to a run, not an ensemble")
-        rep = json.loads((run / "ensemble.json").read_text())
-        members, checkpoint = [Path(m["run"]) for m in rep["members"]], rep["checkpoint"]
-    for member in members:
-        try:
-            cfg = load_config(member)
-            recorded = recorded_identity(member)  # the preprocessing to repeat, if recorded
-        except RunError as e:
-            raise DrpipeError(str(e)) from None
-        if not recorded and not has_info(cfg.data):
-            raise DrpipeError(f"{member} was trained on {cfg.data}, whose dataset_info.json "
-                              "(the preprocessing to repeat) is missing")
-        if not exported and not model_path(member, checkpoint).exists():
-            raise DrpipeError(f"{member}: no {checkpoint} model (is the run finished?)")
-    from pipeline.sources import expand_photo_paths
-    from training.ensemble import predict_photos as ensemble_predict
-    from training.predict import predict_photos, write_csv
-
+    if exported and is_ensemble(run):
+        raise click.UsageError("--exported applies to a run, not an ensemble")
+    try:
+        members = check_predictor(run, checkpoint, exported)
+    except RunError as e:
+        raise DrpipeError(str(e)) from None
     total = len(expand_photo_paths(sources))
     if not total:
         raise click.UsageError("no photos found in " + ", ".join(map(str, sources)))
     try:
         with tqdm(total=total * len(members), unit="photo", desc="predict",
                   disable=None) as bar:
-            if ensemble:
-                preds = ensemble_predict(run, sources, progress=bar.update)
-            else:
-                preds = predict_photos(run, sources, checkpoint, progress=bar.update,
-                                       exported=exported)
-    except (TrainError, EnsembleError) as e:
+            preds = run_predict(run, sources, checkpoint, progress=bar.update,
+                                exported=exported)
+    except (RunError, EnsembleError) as e:
         raise DrpipeError(str(e)) from None
     write_csv(preds, out)
     ok = [p for p in preds if p.status == "ok"]
@@ -698,18 +632,13 @@ def explain(run, images, out, class_index):
     import os
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from pipeline.sources import expand_photo_paths
-    from training.explain import ExplainError, explain_photos, plan_targets
+    from training.explain import ExplainError, ExplainTargetRefused, explain_photos
     from training.runs import RunError
 
-    if not (run / "model.keras").exists():
-        raise DrpipeError(f"{run}: no model.keras (is the run finished?)")
-    if out.suffix.lower() in (".png", ".jpg", ".jpeg") and os.path.lexists(out):
-        raise RefusedError(f"--out {out} exists; explain never replaces a file (move it away, "
-                           "or give a folder: the next free name is used there)")
     try:
-        plan_targets(expand_photo_paths(images), out)  # before the model loads
         results = explain_photos(run, images, out, class_index)
+    except ExplainTargetRefused as e:
+        raise RefusedError(str(e)) from None
     except (ExplainError, RunError) as e:
         raise DrpipeError(str(e)) from None
     for target, result in results:
@@ -722,11 +651,12 @@ def explain(run, images, out, class_index):
 @main.command()
 @click.argument("runs", nargs=-1, required=True,
                 type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--method", type=click.Choice(["vote", "mean", "weighted", "stack"]),
-              default="mean", show_default=True,
-              help="vote: majority, ties to the best member; mean: validation-accuracy-"
-                   "weighted average; weighted: per-grade F1-weighted average; stack: "
-                   "logistic regression fitted on validation predictions.")
+@click.option("--method", type=click.Choice(["vote", "weighted-mean", "weighted", "stack", "mean"]),
+              default="weighted-mean", show_default=True,
+              help="vote: majority, ties to the best member; weighted-mean: validation-"
+                   "accuracy-weighted average (mean: its earlier name); weighted: per-grade "
+                   "F1-weighted average; stack: logistic regression fitted on validation "
+                   "predictions.")
 @click.option("--data", default=None, callback=_data_dir,
               help="Shards directory or store URL [default: the first run's].")
 @click.option("--split", default="test", show_default=True, help="Split to score.")
@@ -747,13 +677,14 @@ def ensemble(runs, method, data, split, val_split, checkpoint, out):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from training.ensemble import EnsembleError
     from training.ensemble import ensemble as run_ensemble
+    from training.runs import RunError
 
     out = out or Path("runs") / f"ensemble-{method}-{time.strftime('%Y%m%d-%H%M%S')}"
     _check_folder(out, "--out", "an earlier ensemble output", "ensemble.json")
     try:
         r = run_ensemble(list(runs), method, data, split, val_split, checkpoint, out,
                          log=click.echo)
-    except EnsembleError as e:
+    except (EnsembleError, RunError) as e:
         raise DrpipeError(str(e)) from None
     rows = [(f"ensemble ({method})", r["ensemble"])] + [
         (str(run), m) for run, m in zip(runs, r["members"], strict=True)]
@@ -841,60 +772,40 @@ def tune(data, lrs, batch_sizes, grids, out, train_args):
 
     Writes OUT/summary.csv, OUT/tune.png, one run directory and one log per point.
     """
-    import time
-
     from tqdm import tqdm
 
-    from training.tune import TuneError, check_manifest, parse_grid, plan
+    from training.runs import RunError
+    from training.tune import TuneError, TuneUsageError, prepare, ranking
     from training.tune import tune as run_tune
 
     if out is not None:  # before anything else: its files are not drpipe's to replace
         _check_folder(out, "--out", "a tuning directory", "tune.json")
-    items = []
-    if lrs.strip():
-        items.append(f"lr={lrs}")
-    if batch_sizes.strip():
-        items.append(f"batch-size={batch_sizes}")
-    try:
-        grid = parse_grid([*items, *grids])
-    except TuneError as e:
-        raise click.UsageError(str(e)) from None
-    if "data" in grid:  # preprocessing variants as a grid axis
-        grid["data"] = [str(Path(v).resolve()) for v in grid["data"]]
-    fixed = list(train_args)
-    for flag in ("--out", "--resume", "--config"):
-        if any(a == flag or a.startswith(flag + "=") for a in fixed):
-            raise click.UsageError(f"{flag} is set by drpipe tune, not per run")
-    if "data" not in grid:
-        _need_shards(data)
-        fixed = ["--data", str(data.resolve()), *fixed]
-    out = out or Path("runs") / f"tune-{time.strftime('%Y%m%d-%H%M%S')}"
-    points = plan(grid, out)
-    for p in points:  # every point's flags are checked before anything trains
+
+    def options_of(args: list[str]) -> dict:  # drpipe train's parser, for each point
         try:
-            train.make_context("drpipe train", p.args(fixed))
+            params = train.make_context("drpipe train", args).params
         except click.ClickException as e:
-            raise click.UsageError(f"point {p.name}: {e.format_message()}") from None
+            raise TuneError(e.format_message()) from None
+        params.pop("resume", None)
+        return params
+
     try:
-        check_manifest(out, grid, fixed)  # before anything is printed or trained
+        tuning = prepare(data, lrs, batch_sizes, grids, train_args, out, options_of)
+    except TuneUsageError as e:
+        raise click.UsageError(str(e)) from None
+    except RunError as e:
+        raise MissingInputError(str(e)) from None
     except TuneError as e:
         raise DrpipeError(str(e)) from None
-    click.echo(f"{len(points)} points: " + " x ".join(f"{k} {{{', '.join(v)}}}"
-                                                      for k, v in grid.items()) + f" -> {out}")
+    out = tuning.out
+    click.echo(tuning.describe())
     try:
-        with tqdm(total=len(points), unit="run", desc="tune", disable=None) as bar:
-            ranked = run_tune(grid, fixed, out, progress=bar.update, log=tqdm.write)
+        with tqdm(total=len(tuning.points), unit="run", desc="tune", disable=None) as bar:
+            ranked = run_tune(tuning, progress=bar.update, log=tqdm.write)
     except TuneError as e:
         raise DrpipeError(str(e)) from None
-    width = max(len(p.name) for p in ranked)
-    click.echo(f"{'rank':>4}  {'point':{width}}  val kappa  val acc  best epoch (kappa)")
-    for i, p in enumerate(ranked, 1):
-        if p.metrics:
-            best = (f"{p.best_epoch} ({p.best_epoch_kappa:.3f})" if p.best_epoch else "")
-            click.echo(f"{i:>4}  {p.name:{width}}  {p.metrics['quadratic_kappa']:9.3f}  "
-                       f"{p.metrics['accuracy']:7.3f}  {best}")
-        else:
-            click.echo(f"{'-':>4}  {p.name:{width}}  failed: {p.error}")
+    for line in ranking(ranked):
+        click.echo(line)
     click.echo(f"-> {out}/summary.csv, {out}/tune.png")
     failed = [p for p in ranked if p.status != "done"]
     if failed:

@@ -1,5 +1,10 @@
 """Training on drpipe shards. This module imports no TensorFlow: the CLI checks a command
-line against it before paying the seconds TensorFlow takes to import."""
+line against it before paying the seconds TensorFlow takes to import.
+
+Imports inside functions, in this package, are there only to defer TensorFlow / Keras
+(seconds), matplotlib or OpenCV to the commands that use them, or to break an import cycle
+(said where it is one); everything else is imported at the top of its module. Layout of a
+run directory: training.runs; a run's configuration: training.config."""
 
 MODEL_NAMES = (
     "resnetv2-small", "cnn-small",

@@ -9,17 +9,20 @@ normalise differently from training.
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
+import numpy as np
 import tensorflow as tf
 
+from pipeline.encode import encode
+from pipeline.process import ProcessConfig, Rejection, prepare_or_reject, read_photo
 from tfrecord_writer.info import load_info
-from tfrecord_writer.schema import REFERABLE_MIN_GRADE, tf_feature_spec
+from tfrecord_writer.schema import N_GRADES, REFERABLE_MIN_GRADE, tf_feature_spec
+from training.config import EQUAL  # noqa: F401 - the default target distribution
 
 AUTOTUNE = tf.data.AUTOTUNE
 TASKS = ("grade", "referable", "regression")
-# The Pisa report balanced to equal counts per grade; "equal" is that distribution.
-EQUAL = (0.2, 0.2, 0.2, 0.2, 0.2)
 
 
 def shard_files(data_dir: str | Path, split: str) -> list[str]:
@@ -49,17 +52,13 @@ def split_counts(data_dir: str | Path, split: str,
 def quality_counts(data_dir: str | Path, split: str, min_quality: float) -> list[int]:
     """Photos per grade in ``split`` scoring at least ``min_quality``, from the manifest the
     shards were written with; compared in float32, as the filter on the shards compares."""
-    import csv
-
-    import numpy as np
-
     path = Path(data_dir) / "data_manifest.csv"
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     if rows and "quality_score" not in rows[0]:
         raise ValueError(f"{data_dir}: these shards have no recorded quality (preprocessed by "
                          "an older drpipe); re-run drpipe preprocess to use --min-quality")
-    counts = [0] * 5
+    counts = [0] * N_GRADES
     bar = np.float32(min_quality)
     for r in rows:
         if r["status"] == "ok" and r["split"] == split and r["quality_score"] and \
@@ -72,7 +71,7 @@ def target_for(task: str, grade: tf.Tensor) -> tf.Tensor:
     if task == "grade":
         return grade
     if task == "referable":
-        return tf.cast(grade >= 2, tf.float32)
+        return tf.cast(grade >= REFERABLE_MIN_GRADE, tf.float32)
     if task == "regression":
         return tf.cast(grade, tf.float32)
     raise ValueError(f"unknown task {task!r} (choose from {', '.join(TASKS)})")
@@ -114,6 +113,23 @@ def image_decoder(stored: int, fmt: str, image_size: int):
             img = tf.image.resize(img, [image_size, image_size], method=method)
         return tf.cast(img, tf.float32)
     return decode
+
+
+def photo_input(proc: ProcessConfig, image_size: int):
+    """The function turning a photo file into the model's input as its training photos
+    reached it: the same ``pipeline.process`` steps (``proc``, the run's recorded
+    preprocessing), encoded as the records were, decoded by :func:`image_decoder`. It
+    returns float32 [S, S, 3] in 0..255, or the Rejection of a photo that cannot be
+    processed. ``drpipe predict`` and ``drpipe explain`` both use it."""
+    decode = image_decoder(proc.size, proc.format, image_size)
+
+    def to_input(path: str | Path) -> np.ndarray | Rejection:
+        data = read_photo(path)
+        result = data if isinstance(data, Rejection) else prepare_or_reject(data, proc)
+        if isinstance(result, Rejection):
+            return result
+        return decode(tf.constant(encode(result.image, proc.format, proc.quality))).numpy()
+    return to_input
 
 
 def _parse(data_dir, image_size: int):

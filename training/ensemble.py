@@ -7,8 +7,10 @@ with the same metrics as ``drpipe evaluate``, beside each member's.
 methods
   vote      majority vote of the members' grades; a tie goes to the best member (by
             validation kappa) among those that voted for a tied grade
-  mean      average of the members' probabilities, each member weighted by its validation
-            accuracy (accuracy-weighted averaging)
+  weighted-mean
+            average of the members' probabilities, each member weighted by its validation
+            accuracy (accuracy-weighted averaging); ``mean``, its earlier name, is accepted
+            (commands, ensemble.json files) and recorded as given
   weighted  class-weighted averaging: member m's probability of grade g weighted by its
             validation F1 on grade g (members good at a grade speak for it)
   stack     a multinomial logistic regression (L2) on the members' log-probabilities,
@@ -17,18 +19,32 @@ methods
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from tfrecord_writer.info import has_info, load_info
+from reporting.plots import plot_confusion
+from tfrecord_writer.schema import N_GRADES
 from training import metrics as M
+from training import runs as R
+from training.fit import model_outputs
+from training.predict import Prediction, graded
+from training.predict import predict_photos as member_predict
 
-METHODS = ("vote", "mean", "weighted", "stack")
+METHODS = ("vote", "weighted-mean", "weighted", "stack")
+ALIASES = {"mean": "weighted-mean"}  # earlier names, still accepted
 EPS = 1e-7
+
+
+def canonical(method: str) -> str:
+    """A method's name, its earlier name (``mean``) mapped to today's; EnsembleError if
+    there is none such."""
+    name = ALIASES.get(method, method)
+    if name not in METHODS:
+        raise EnsembleError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
+    return name
 
 
 class EnsembleError(RuntimeError):
@@ -51,7 +67,7 @@ def vote(grades: np.ndarray, rank: list[int]) -> np.ndarray:
     n_members, n = grades.shape
     out = np.empty(n, int)
     for i in range(n):
-        counts = np.bincount(grades[:, i], minlength=M.N_GRADES)
+        counts = np.bincount(grades[:, i], minlength=N_GRADES)
         tied = np.flatnonzero(counts == counts.max())
         out[i] = next(grades[m, i] for m in rank if grades[m, i] in tied)
     return out
@@ -62,7 +78,7 @@ def accuracy_weights(members: list[Member]) -> np.ndarray:
     return acc / acc.sum()
 
 
-def class_weights(members: list[Member]) -> np.ndarray:
+def per_grade_f1_weights(members: list[Member]) -> np.ndarray:
     """[members, grades]: validation F1 per grade, normalised over the members per grade
     (equal where no member ever got a grade right)."""
     f1 = np.array([m.val_metrics["per_class"]["f1"] for m in members]) + 1e-3
@@ -89,8 +105,8 @@ class Stacker:
     def fit(self, x: np.ndarray, y: np.ndarray) -> Stacker:
         self.mean, self.std = x.mean(axis=0), x.std(axis=0) + 1e-6
         z = (x - self.mean) / self.std
-        onehot = np.eye(M.N_GRADES)[y]
-        w = np.zeros((z.shape[1], M.N_GRADES))
+        onehot = np.eye(N_GRADES)[y]
+        w = np.zeros((z.shape[1], N_GRADES))
         b = np.log(onehot.mean(axis=0) + 1e-3)  # start from the class prior
         for _ in range(self.steps):
             p = _softmax(z @ w + b)
@@ -112,29 +128,30 @@ def _softmax(a: np.ndarray) -> np.ndarray:
 def fit(method: str, members: list[Member]) -> dict:
     """What a method learns from the validation predictions (JSON-able, full precision:
     ``drpipe predict`` with the ensemble applies exactly this)."""
+    method = canonical(method)
     if method == "vote":
         rank = sorted(range(len(members)),
                       key=lambda i: -members[i].val_metrics["quadratic_kappa"])
         return {"tie_break_order": rank}
-    if method == "mean":
+    if method == "weighted-mean":
         return {"weights": accuracy_weights(members).tolist()}
-    if method == "weighted":
-        return {"class_weights": class_weights(members).tolist()}
+    if method == "weighted":  # "class_weights": the key of ensemble.json files since the start
+        return {"class_weights": per_grade_f1_weights(members).tolist()}
     if method == "stack":
         st = Stacker().fit(Stacker.features([m.val_p for m in members]),
                            members[0].val_y.astype(int))
         return {"stacker": {"w": st.w.tolist(), "b": st.b.tolist(), "mean": st.mean.tolist(),
                             "std": st.std.tolist(),
                             "features": "log(p + 1e-7) of each member, standardised"}}
-    raise EnsembleError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
 
 
 def apply(method: str, fitted: dict, probs: list[np.ndarray]) -> np.ndarray:
     """Combined [n, 5] probabilities (one-hot for a vote) from each member's [n, 5]."""
+    method = canonical(method)
     if method == "vote":
         g = vote(np.stack([p.argmax(axis=1) for p in probs]), fitted["tie_break_order"])
-        return np.eye(M.N_GRADES)[g]
-    if method == "mean":
+        return np.eye(N_GRADES)[g]
+    if method == "weighted-mean":
         return sum(w * p for w, p in zip(fitted["weights"], probs, strict=True))
     if method == "weighted":
         w = np.asarray(fitted["class_weights"])
@@ -144,44 +161,30 @@ def apply(method: str, fitted: dict, probs: list[np.ndarray]) -> np.ndarray:
         stacker = Stacker(w=np.asarray(st["w"]), b=np.asarray(st["b"]),
                           mean=np.asarray(st["mean"]), std=np.asarray(st["std"]))
         return stacker.predict(Stacker.features(probs))
-    raise EnsembleError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
 
 
 def load_members(runs: list[Path], data: str | None, split: str, val_split: str | None,
                  checkpoint: str, log=print) -> tuple[list[Member], str, str]:
-    from training.fit import load_config, model_path
-    from training.runs import RunError, check_data, same_photos
-
     cfgs = []
     for run in runs:
-        try:
-            cfg = load_config(run)
-        except RunError as e:
-            raise EnsembleError(str(e)) from None
+        cfg = R.load_config(run)
         if cfg.task != "grade":
             raise EnsembleError(f"{run} is a {cfg.task!r} model; ensembles combine grade "
                                 "models (--task grade)")
-        model = model_path(run, checkpoint)
-        if not model.exists():
-            raise EnsembleError(f"{model} does not exist (is the run finished?)")
+        R.require_model(run, checkpoint)
         cfgs.append(cfg)
     # Each member is scored on its own shards (or all on --data), checked to be what it
     # was trained on (--data: preprocessed as it was); the members' shards must hold the
     # same photos, labels and splits, so that their predictions line up photo by photo.
     datas = [str(data)] * len(runs) if data else [cfg.data for cfg in cfgs]
-    try:
-        recs = [check_data(run, d, own=not data) for run, d in zip(runs, datas, strict=True)]
-    except RunError as e:
-        raise EnsembleError(str(e)) from None
+    recs = [R.check_data(run, d, own=not data) for run, d in zip(runs, datas, strict=True)]
     for run, rec, d in zip(runs[1:], recs[1:], datas[1:], strict=True):
-        if not same_photos(recs[0], rec):
+        if not R.same_photos(recs[0], rec):
             raise EnsembleError(f"{run} was trained on {d}, other photos or splits than "
                                 f"{runs[0]} ({datas[0]}): members must share their data")
     data = datas[0]
     val_split = val_split or cfgs[0].val_split
-    if not has_info(data):
-        raise EnsembleError(f"{data}: no drpipe shards here (no dataset_info.json)")
-    counts = load_info(data)["counts"]
+    counts = R.dataset_info(data)["counts"]
     for s in (split, val_split):
         if s not in counts:
             raise EnsembleError(f"{data} has no split {s!r} (has {', '.join(counts)})")
@@ -194,16 +197,15 @@ def load_members(runs: list[Path], data: str | None, split: str, val_split: str 
 
     import training.models  # noqa: F401 - registers the custom layers
     from training.data import make_dataset
-    from training.fit import predict
 
     members = []
     for run, cfg, member_data in zip(runs, cfgs, datas, strict=True):
         log(f"predicting {val_split} and {split} with {run}")
-        model = keras.saving.load_model(model_path(run, checkpoint))
+        model = keras.saving.load_model(R.model_path(run, checkpoint))
         out = {}
         for s in (val_split, split):
             ds = make_dataset(member_data, s, image_size=cfg.image_size, batch_size=32)
-            out[s] = predict(model, ds, "grade")
+            out[s] = model_outputs(model, ds, "grade")
         m = Member(run, *out[val_split], *out[split])
         m.val_metrics = M.grade_metrics(m.val_y.astype(int), m.val_p.argmax(axis=1))
         members.append(m)
@@ -218,10 +220,10 @@ def load_members(runs: list[Path], data: str | None, split: str, val_split: str 
 def ensemble(runs: list[str | Path], method: str, data: str | None = None,
              split: str = "test", val_split: str | None = None, checkpoint: str = "final",
              out: str | Path | None = None, log=print) -> dict:
-    from training.fit import plot_confusion
-
-    if method not in METHODS:
-        raise EnsembleError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
+    """``drpipe ensemble``: fit ``method`` on the members' validation predictions, score it
+    on ``split`` beside each member; with ``out``, write ensemble.json and the confusion
+    matrix there. The ``method`` is recorded as given (``mean`` stays ``mean``)."""
+    canonical(method)
     runs = [Path(r) for r in runs]
     if len(runs) < 2:
         raise EnsembleError("an ensemble needs at least two runs")
@@ -246,9 +248,7 @@ def ensemble(runs: list[str | Path], method: str, data: str | None = None,
     if out:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / "ensemble.json.tmp"
-        tmp.write_text(json.dumps(report, indent=2))
-        os.replace(tmp, out / "ensemble.json")
+        R.write_json(out / R.ENSEMBLE, report)
         plot_confusion(result, out / f"confusion_{split}.png")
     return report
 
@@ -257,10 +257,7 @@ def predict_photos(ensemble_dir: str | Path, sources, progress=None):
     """``drpipe predict ENSEMBLE``: every member grades the photos with its own run's
     preprocessing; their probabilities are combined exactly as ``drpipe ensemble`` fitted.
     A photo any member rejects is rejected."""
-    from training.predict import Prediction
-    from training.predict import predict_photos as member_predict
-
-    rep = json.loads((Path(ensemble_dir) / "ensemble.json").read_text())
+    rep = R.ensemble_record(ensemble_dir)
     per_member = []
     for m in rep["members"]:
         if not Path(m["run"]).is_dir():
@@ -270,16 +267,13 @@ def predict_photos(ensemble_dir: str | Path, sources, progress=None):
     first = per_member[0]
     ok = [path for path in first if all(pm[path].status == "ok" for pm in per_member)]
     combined = apply(rep["method"], rep["fitted"],
-                     [np.array([pm[path].probabilities for path in ok]).reshape(-1, 5)
+                     [np.array([pm[path].probabilities for path in ok]).reshape(-1, N_GRADES)
                       for pm in per_member])
     out = {}
-    for path, p in zip(ok, combined, strict=True):
-        probs = [float(v) for v in p]
-        out[path] = Prediction(first[path].image_id, path, "ok", "", int(np.argmax(p)), probs,
-                               float(sum(probs[2:])), None)
+    for path, p, grade in zip(ok, combined, M.decide("grade", combined), strict=True):
+        out[path] = graded(Path(path), first[path].image_id, "grade", p, grade)
     for path, pred in first.items():
         if path not in out:
             bad = next(pm[path] for pm in per_member if pm[path].status != "ok")
-            out[path] = Prediction(pred.image_id, path, "rejected", bad.reason, None, None, None,
-                                   None)
+            out[path] = Prediction.rejected(Path(path), pred.image_id, bad.reason)
     return sorted(out.values(), key=lambda p: p.image_id)

@@ -9,10 +9,17 @@ nested backbone model).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+from pipeline.outputs import foreign_names, record_names, unique_names
+from pipeline.process import Rejection
+from pipeline.sources import expand_photo_paths
+from tfrecord_writer.writer import atomic_write_bytes
+from training import runs
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 RECORD = ".drpipe-explain.json"  # the names earlier explains wrote in a folder --out
@@ -22,12 +29,14 @@ class ExplainError(RuntimeError):
     """A one-line reason (a write that failed, an --out that cannot be used)."""
 
 
+class ExplainTargetRefused(ExplainError):
+    """--out is an existing image file: never replaced (exit 2)."""
+
+
 def plan_targets(files, out: Path) -> list[Path]:
     """Where each photo's panel goes. ``out`` with an image suffix is one file (one photo
     only); otherwise a folder, ``{stem}_gradcam.png`` each, never two alike, never over a
     file no explain wrote there."""
-    from pipeline.outputs import foreign_names, unique_names
-
     out = Path(out)
     if out.suffix.lower() in IMAGE_SUFFIXES:
         if len(files) != 1:
@@ -45,8 +54,6 @@ def plan_targets(files, out: Path) -> list[Path]:
 
 def write_panel(target: Path, panel_rgb: np.ndarray) -> None:
     """Encode (by the suffix) and write, checked: a failure is an ExplainError naming it."""
-    from tfrecord_writer.writer import atomic_write_bytes
-
     ext = ".png" if target.suffix.lower() not in IMAGE_SUFFIXES else target.suffix.lower()
     ok, buf = cv2.imencode(ext, cv2.cvtColor(panel_rgb, cv2.COLOR_RGB2BGR))
     if not ok:
@@ -118,29 +125,32 @@ def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarr
     return cv2.addWeighted(image.astype(np.uint8), 1 - alpha, heat, alpha, 0)
 
 
+def check_explain(run: Path, images, out: Path) -> tuple[list[Path], list[Path]]:
+    """(the photos, where each panel goes), once ``run`` can grade photos (a final model, its
+    preprocessing) and ``out`` can be written (RunError, ExplainError)."""
+    runs.require_model(run)
+    if out.suffix.lower() in IMAGE_SUFFIXES and os.path.lexists(out):
+        raise ExplainTargetRefused(f"--out {out} exists; explain never replaces a file (move it "
+                                   "away, or give a folder: the next free name is used there)")
+    runs.check_servable(run)
+    files = expand_photo_paths(images)
+    return files, plan_targets(files, out)
+
+
 def explain_photos(run: str | Path, images, out: str | Path,
                    class_index: int | None = None) -> list[tuple[str, object]]:
     """Write one PNG per photo (photo | heat map overlay). Returns [(path, result)], the
     result being (class, output) or the Rejection of a photo that cannot be processed."""
-    import keras
-    import tensorflow as tf
+    import keras  # deferred: TensorFlow
 
     import training.models  # noqa: F401 - registers the custom layers
-    from pipeline.encode import encode
-    from pipeline.process import Rejection, prepare_or_reject, read_photo
-    from pipeline.sources import expand_photo_paths
-    from training.data import image_decoder
-    from training.fit import load_config
-    from training.runs import process_config
+    from training.data import photo_input
 
-    run = Path(run)
-    cfg = load_config(run)
-    proc = process_config(run, cfg.data)  # as recorded at train time
-    model = keras.saving.load_model(run / "model.keras")
-    decode = image_decoder(proc.size, proc.format, cfg.image_size)
-    files = expand_photo_paths(images)
-    out = Path(out)
-    targets = plan_targets(files, out)
+    run, out = Path(run), Path(out)
+    files, targets = check_explain(run, images, out)  # before the model loads
+    cfg = runs.load_config(run)
+    to_input = photo_input(runs.process_config(run, cfg.data), cfg.image_size)  # as trained
+    model = keras.saving.load_model(runs.model_path(run))
     single = targets == [out]
     if not single:
         try:
@@ -149,20 +159,16 @@ def explain_photos(run: str | Path, images, out: str | Path,
             raise ExplainError(f"cannot create {out}: {e.strerror or e}") from None
     done = []
     for path, target in zip(files, targets, strict=True):
-        data = read_photo(path)
-        result = data if isinstance(data, Rejection) else prepare_or_reject(data, proc)
-        if isinstance(result, Rejection):
-            done.append((str(path), result))
+        img = to_input(path)
+        if isinstance(img, Rejection):
+            done.append((str(path), img))
             continue
-        img = decode(tf.constant(encode(result.image, proc.format, proc.quality))).numpy()
         cam, idx, y = grad_cam(model, img, class_index)
         panel = np.hstack([img.astype(np.uint8), overlay(img, cam)])
         label = (f"grade {idx}: p={y[idx]:.2f}" if len(y) > 1 else f"output {y[0]:.2f}")
         cv2.putText(panel, label, (6, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1,
                     cv2.LINE_AA)
         if not single:
-            from pipeline.outputs import record_names
-
             record_names(out, RECORD, [target.name])
         write_panel(target, panel)
         done.append((str(target), (idx, y)))

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tfrecord_writer.info import has_info, load_info
+from training import runs
+from training.metrics import decide
 
 FORMATS = ("savedmodel", "tflite")
 # dynamic: int8 weights, float activations (no data needed; ~4x smaller)
@@ -182,16 +183,6 @@ def runner(path: str | Path, threads: int = 1):
     return TFLiteRunner(str(path), threads) if path.suffix == ".tflite" else SavedModelRunner(path)
 
 
-def grades(task: str, out: np.ndarray, thresholds=None) -> np.ndarray:
-    from training.metrics import apply_thresholds
-
-    if task == "grade":
-        return out.argmax(axis=1)
-    if task == "referable":
-        return (out[:, 0] >= 0.5).astype(int)
-    return apply_thresholds(out[:, 0], thresholds or [0.5, 1.5, 2.5, 3.5])
-
-
 def _latency_ms(fn, photos: np.ndarray, repeats: int) -> list[float]:
     for img in photos[:3]:  # warm-up: graph building, allocation, caches
         fn(img[None])
@@ -205,7 +196,7 @@ def _latency_ms(fn, photos: np.ndarray, repeats: int) -> list[float]:
 
 
 def _split_images(data: str, split: str, image_size: int, n: int) -> np.ndarray:
-    from training.data import make_dataset
+    from training.data import make_dataset  # TensorFlow
 
     ds = make_dataset(data, split, image_size=image_size, batch_size=16)
     xs: list[np.ndarray] = []
@@ -220,9 +211,6 @@ def export(run: str | Path, fmt: str, out: str | Path | None = None,
            quantize: str | None = None, checkpoint: str = "final", check_split: str = "val",
            check_photos: int = 64, repeats: int = 50, threads: int = 1,
            log=print) -> ExportResult:
-    from training.fit import load_config, model_path
-    from training.runs import RunError, check_data
-
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
     if quantize and fmt != "tflite":
@@ -234,16 +222,13 @@ def export(run: str | Path, fmt: str, out: str | Path | None = None,
     if out is not None:
         check_target(Path(out))
     try:
-        cfg = load_config(run)
-        check_data(run, cfg.data)  # the checks and calibration use the run's own shards
-    except RunError as e:
+        cfg = runs.load_config(run)
+        runs.check_data(run, cfg.data)  # the checks and calibration use the run's own shards
+        source = runs.require_model(run, checkpoint)
+        info = runs.own_dataset_info(run, cfg.data, "needed for the preprocessing record and "
+                                     "the check")
+    except runs.RunError as e:
         raise ExportError(str(e)) from None
-    source = model_path(run, checkpoint)
-    if not source.exists():
-        raise ExportError(f"{source} does not exist (is the run finished?)")
-    if not has_info(cfg.data):
-        raise ExportError(f"{run} was trained on {cfg.data}, whose dataset_info.json is "
-                          "missing (needed for the preprocessing record and the check)")
     suffix = {"savedmodel": "", "tflite": ".tflite"}[fmt]
     out = Path(out) if out else run / "export" / (
         f"{fmt}{'-' + quantize if quantize else ''}{suffix}")
@@ -256,14 +241,11 @@ def export(run: str | Path, fmt: str, out: str | Path | None = None,
 
     keras.mixed_precision.set_global_policy("float32")
     model = keras.saving.load_model(source)
-    info = load_info(cfg.data)
     split = check_split if check_split in info["counts"] else next(iter(info["counts"]))
     photos = _split_images(cfg.data, split, cfg.image_size, check_photos)
     if not len(photos):
         raise ExportError(f"split {split!r} of {cfg.data} has no photos to check the export on")
-    thresholds = None
-    if cfg.task == "regression" and (run / "metrics.json").exists():
-        thresholds = json.loads((run / "metrics.json").read_text()).get("thresholds")
+    thresholds = runs.recorded_cuts(run) if cfg.task == "regression" else None
 
     check_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -291,7 +273,7 @@ def export(run: str | Path, fmt: str, out: str | Path | None = None,
     want = np.concatenate([np.asarray(model(photos[i:i + 16], training=False), np.float32)
                            for i in range(0, len(photos), 16)])
     got = np.asarray(exported(photos), np.float32)
-    same = int((grades(cfg.task, want, thresholds) == grades(cfg.task, got, thresholds)).sum())
+    same = int((decide(cfg.task, want, thresholds) == decide(cfg.task, got, thresholds)).sum())
     lat = _latency_ms(exported, photos, repeats)
     # The Keras model as a compiled graph, as model.predict runs it (without its per-call
     # overhead of building a dataset): the fair comparison.
@@ -310,6 +292,5 @@ def export(run: str | Path, fmt: str, out: str | Path | None = None,
                         "dtype": "float32", "range": [0, 255], "channels": "RGB"},
               "preprocessing": info["config"]["process"],
               "tensorflow": tf.__version__}
-    sidecar = _sidecar(out)
-    sidecar.write_text(json.dumps(record, indent=2))
+    runs.write_json(_sidecar(out), record)
     return result

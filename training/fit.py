@@ -21,69 +21,91 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-from dataclasses import dataclass
+import shutil
 from pathlib import Path
 
 import numpy as np
 
-from reporting.plots import (
-    plot_confusion,
-    plot_history,
-    read_history,  # noqa: F401 - imported from here by training/tune.py
-)
-from tfrecord_writer.info import has_info, load_info
+from pipeline.versions import resolve
+from reporting.plots import plot_confusion, plot_history
+from tfrecord_writer.schema import N_GRADES, REFERABLE_MIN_GRADE
+from tfrecord_writer.writer import atomic_write_bytes
+from training import MODEL_NAMES, runs
 from training import metrics as M
-from training import runs
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    data: str = "shards"
-    model: str = "resnetv2-small"
-    out: str = ""
-    image_size: int = 224
-    epochs: int = 10
-    batch_size: int = 32
-    lr: float = 1e-4  # Adam 1e-4: the Pisa report's setting
-    optimizer: str = "adam"
-    task: str = "grade"
-    balance: str = "none"
-    augment: str = "pisa"
-    freeze: str = "none"
-    head: tuple[int, ...] = ()
-    dropout: float = 0.0
-    l1: float = 0.0
-    l2: float = 0.0
-    weights: str = "none"
-    fine_tune_epochs: int = 0
-    fine_tune_lr: float = 1e-5
-    mixed_precision: str = "auto"
-    seed: int = 0
-    train_split: str = "train"
-    val_split: str = "val"
-    steps_per_epoch: int | None = None
-    checkpoint_every: int = 5  # Zhong & Cao checkpointed every 5 epochs
-    patience: int = 0  # early stopping on validation kappa; 0 = off
-    # BatchNorm statistics recomputed from this many training batches after every epoch
-    # (0 = off): see recompute_batchnorm
-    precise_bn: int = 100
-    target_distribution: tuple[float, ...] = (0.2, 0.2, 0.2, 0.2, 0.2)
-    # Train and validate only on photos whose recorded quality reaches this: "usable",
-    # "good" or a score (pipeline/quality.py); None = all photos.
-    min_quality: str | None = None
-
-    def min_score(self) -> float | None:
-        from pipeline.quality import parse_min_quality
-
-        return None if self.min_quality is None else parse_min_quality(self.min_quality)
-
-    def total_epochs(self) -> int:
-        return self.epochs + self.fine_tune_epochs
+from training.config import TrainConfig, default_run_dir  # noqa: F401 - re-exported
+from training.runs import load_config, model_path  # noqa: F401 - re-exported
 
 
 class TrainError(runs.RunError):
     """A one-line reason a run cannot start or continue."""
+
+
+class OptionError(TrainError):
+    """An option that cannot be used as given (``param``: the option, e.g. "--model"; None
+    for a combination of options): a usage error (exit 2)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+def new_config(options: dict, data_version: int | None = None) -> TrainConfig:
+    """A new run's TrainConfig from ``drpipe train``'s options (TrainConfig field names):
+    the model checked, the run directory defaulted, ``data`` resolved to the folder of
+    ``data_version`` (docs/FORMAT.md, "Versions"; default the latest), made absolute so that
+    predict and evaluate run from anywhere."""
+    kw = dict(options)
+    if kw["model"] not in MODEL_NAMES:
+        raise OptionError(f"unknown model {kw['model']!r}; choose from {', '.join(MODEL_NAMES)}",
+                          "--model")
+    kw["out"] = kw.get("out") or default_run_dir()
+    try:
+        data = resolve(kw["data"], data_version)
+    except FileNotFoundError as e:
+        raise OptionError(str(e), "--version") from None
+    kw["data"] = str(Path(data).resolve())
+    return TrainConfig.from_dict(kw)
+
+
+def resume_config(resume: str | Path, given: dict | None = None,
+                  data_version: int | None = None) -> TrainConfig:
+    """``train --resume DIR``: DIR's own configuration, for DIR itself (a moved or copied run
+    resumes where it is, not at the ``out`` it was started with). ``given``: the options
+    given with it (TrainConfig field names), which must agree with the run: a different
+    value is refused (OptionError), never ignored."""
+    if data_version is not None:
+        raise OptionError("--version applies to a new run; --resume keeps the data version "
+                          "the run was trained on")
+    cfg = load_config(resume)
+    recorded = dataclasses.asdict(cfg)
+    for name, value in (given or {}).items():
+        if name not in recorded:
+            continue
+        if name == "out":
+            same = value is not None and Path(value).resolve() == Path(resume).resolve()
+        elif name == "data":  # the output itself, or the version folder the run trained on
+            rec = Path(recorded[name]).resolve()
+            output = rec.parent.parent if rec.parent.name == "versions" else rec
+            same = value is not None and Path(value).resolve() in (rec, output)
+        else:
+            same = value == recorded[name] or (isinstance(value, (tuple, list))
+                                               and list(value) == list(recorded[name]))
+        if not same:
+            flag = "--" + name.replace("_", "-")
+            raise OptionError(f"--resume {resume}: {flag} {value} conflicts with the run's "
+                              f"{recorded[name]!r}; a resumed run keeps its configuration "
+                              "(start a new run to change it)")
+    return dataclasses.replace(cfg, out=str(resume))
+
+
+def metrics_line(r: dict, run) -> str:
+    """One line of a split's metrics, as train and evaluate print it."""
+    line = f"{r['split']}: n={r['n']}, quadratic kappa {r['quadratic_kappa']:.3f}"
+    line += f", accuracy {r['accuracy']:.3f}"
+    if "auc" in r:
+        line += (f", AUC {r['auc']:.3f}, sensitivity {r['sensitivity']:.3f}, "
+                 f"specificity {r['specificity']:.3f}")
+    return line + f"  ({run})"
 
 
 def _spec(cfg: TrainConfig):
@@ -121,30 +143,31 @@ def _compile(model, cfg: TrainConfig, lr: float):
         model.compile(opt, "mse", metrics=["mae"])
 
 
-def predict(model, ds, task: str) -> tuple[np.ndarray, np.ndarray]:
-    """(true grades or targets, model outputs) over a dataset, in its order."""
+def model_outputs(model, ds, task: str) -> tuple[np.ndarray, np.ndarray]:
+    """(true grades or targets, model outputs) over a dataset, in its order (inference
+    mode; ``drpipe predict`` is training.predict)."""
     ys, ps = [], []
     for x, y in ds:
         ps.append(np.asarray(model(x, training=False), np.float32))
         ys.append(np.asarray(y))
     if not ys:
-        return np.zeros(0), np.zeros((0, 5 if task == "grade" else 1))
+        return np.zeros(0), np.zeros((0, N_GRADES if task == "grade" else 1))
     return np.concatenate(ys), np.concatenate(ps)
 
 
 def scores(task: str, y, out, thresholds=None) -> dict:
     """Metrics for a task from targets and outputs (y = grade for grade/regression,
     0/1 for referable)."""
+    decided = M.decide(task, out, thresholds)
     if task == "grade":
-        return M.grade_metrics(y.astype(int), out.argmax(axis=1))
+        return M.grade_metrics(y.astype(int), decided)
     if task == "referable":
-        r = M.referable_metrics(np.where(y > 0.5, 2, 0), out[:, 0])
+        r = M.referable_metrics(np.where(y > 0.5, REFERABLE_MIN_GRADE, 0), out[:, 0])
         # kappa on the binary decision, so "best by kappa" means the same for every task
-        r["quadratic_kappa"] = M.quadratic_kappa((y > 0.5).astype(int),
-                                                 (out[:, 0] >= 0.5).astype(int), n=2)
+        r["quadratic_kappa"] = M.quadratic_kappa((y > 0.5).astype(int), decided, n=2)
         return r
-    cuts = thresholds or [0.5, 1.5, 2.5, 3.5]
-    r = M.grade_metrics(y.astype(int), M.apply_thresholds(out[:, 0], cuts))
+    cuts = thresholds or M.DEFAULT_CUTS
+    r = M.grade_metrics(y.astype(int), decided)
     r["thresholds"] = list(cuts)
     r["mse"] = float(np.mean((out[:, 0] - y) ** 2)) if len(y) else 0.0
     return r
@@ -264,8 +287,6 @@ def _atomic_backup(backup_dir: Path):
     new directory, then ``latest.json`` is replaced atomically to point at it; older states
     are deleted only after that.
     """
-    import shutil
-
     import keras
 
     class AtomicBackupAndRestore(keras.callbacks.Callback):
@@ -285,9 +306,8 @@ def _atomic_backup(backup_dir: Path):
             shutil.rmtree(d, ignore_errors=True)
             d.mkdir(parents=True)
             self.model.save_weights(d / "state.weights.h5")
-            tmp = backup_dir / "latest.json.tmp"
-            tmp.write_text(json.dumps({"epoch": epoch + 1, "dir": name}))
-            os.replace(tmp, backup_dir / "latest.json")
+            atomic_write_bytes(backup_dir / "latest.json",
+                               json.dumps({"epoch": epoch + 1, "dir": name}).encode())
             for old in backup_dir.glob("epoch-*"):
                 if old.name != name:
                     shutil.rmtree(old, ignore_errors=True)
@@ -318,7 +338,7 @@ def _callbacks(cfg, run: Path, val_ds, bn_ds, phase: int, n_train: int):
         in the reference works."""
 
         def on_epoch_end(self, epoch, logs=None):
-            y, out = predict(self.model, val_ds, cfg.task)
+            y, out = model_outputs(self.model, val_ds, cfg.task)
             logs.update(validation_logs(cfg.task, y, out))
             logs["val_kappa"] = scores(cfg.task, y, out)["quadratic_kappa"]
 
@@ -343,18 +363,15 @@ def _callbacks(cfg, run: Path, val_ds, bn_ds, phase: int, n_train: int):
 def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     """Train (or continue) the run in ``cfg.out``; returns the validation metrics."""
     # Check what can be checked before importing TensorFlow (seconds, and log noise).
-    if not has_info(cfg.data):
-        raise TrainError(f"{cfg.data}: no drpipe shards here (no dataset_info.json); run "
-                         "drpipe preprocess first, or give --data")
+    counts = runs.dataset_info(cfg.data)["counts"]
     for split in (cfg.train_split, cfg.val_split):
-        if split not in load_info(cfg.data)["counts"]:
+        if split not in counts:
             raise TrainError(f"{cfg.data} has no split {split!r}")
     run = Path(cfg.out)
     if resume:
-        if not (run / "config.json").exists():
-            raise TrainError(f"{run}: not a drpipe run (no config.json)")
-        if (run / "model.keras").exists():
-            raise TrainError(f"{run}: already finished (model.keras exists)")
+        runs.read_config(run)  # "not a drpipe run" without config.json
+        if runs.is_finished(run):
+            raise TrainError(f"{run}: already finished ({runs.MODEL} exists)")
         runs.check_data(run, cfg.data)  # the shards it started on, not re-made ones
     elif run.exists() and any(run.iterdir()):
         raise TrainError(f"{run} exists and is not empty; use --resume {run} to continue it, "
@@ -365,7 +382,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
 
     import keras
 
-    from training.data import class_weights, make_dataset, split_counts
+    from training.data import class_weights, make_dataset, split_counts  # TensorFlow
     from training.models import build, freeze
 
     keras.utils.set_random_seed(cfg.seed)
@@ -396,7 +413,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
         cw = class_weights(counts)
         weights = cw if cfg.task == "grade" else None
         if cfg.task == "referable":
-            pos = sum(counts[2:])
+            pos = sum(counts[REFERABLE_MIN_GRADE:])
             weights = {0: n_train / (2 * max(n_train - pos, 1)), 1: n_train / (2 * max(pos, 1))}
 
     model = backbone = None
@@ -427,25 +444,25 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
             freeze(model, backbone, strategy_name)
             _compile(model, cfg, lr)
         log(f"phase {phase} had finished; writing the final model")
-    model.save(run / "model.keras")
+    model.save(runs.model_path(run))
     if backbone is not None:
         backbone.save_weights(run / "backbone.weights.h5")
     result = evaluate_model(model, cfg, cfg.val_split, run)
-    (run / "metrics.json").write_text(json.dumps(result, indent=2))
+    runs.write_metrics(run, result)
     plot_history(run)
     for p in run.glob("phase*.weights.h5"):
         p.unlink()
-    _rmtree(run / "backup")
+    shutil.rmtree(run / "backup", ignore_errors=True)
     return result
 
 
 def evaluate_model(model, cfg: TrainConfig, split: str, run: Path, data: str | None = None,
                    thresholds=None) -> dict:
-    from training.data import make_dataset
+    from training.data import make_dataset  # TensorFlow
 
     ds = make_dataset(data or cfg.data, split, image_size=cfg.image_size,
                       batch_size=cfg.batch_size, task=cfg.task, min_quality=cfg.min_score())
-    y, out = predict(model, ds, cfg.task)
+    y, out = model_outputs(model, ds, cfg.task)
     if cfg.task == "regression" and thresholds is None:
         thresholds = M.kappa_thresholds(y, out[:, 0]) if len(y) else None
     r = scores(cfg.task, y, out, thresholds)
@@ -468,49 +485,15 @@ def evaluate(run: str | Path, data: str | None = None, split: str = "test",
     if split not in (names := runs.splits_of(data_dir)):  # a name, never a pattern
         raise TrainError(f"{data_dir} has no split {split!r} (has {', '.join(names)})")
     runs.check_data(run, data_dir, own=own)
-    path = model_path(run, checkpoint)
-    if not path.exists():
-        raise TrainError(f"{path} does not exist (is the run finished?)")
+    path = runs.require_model(run, checkpoint)
     import keras
 
     import training.models  # noqa: F401 - registers the custom layers for loading
 
     model = keras.saving.load_model(path)
-    thresholds = None
-    if cfg.task == "regression" and (run / "metrics.json").exists():
-        thresholds = json.loads((run / "metrics.json").read_text()).get("thresholds")
+    thresholds = runs.recorded_cuts(run) if cfg.task == "regression" else None
     r = evaluate_model(model, cfg, split, run, data, thresholds)
-    (run / f"metrics-{split}.json").write_text(json.dumps(r, indent=2))
+    runs.write_metrics(run, r, split)
     return r
 
-
-def _tuples(d: dict) -> dict:
-    for k in ("head", "target_distribution"):
-        if k in d and d[k] is not None:
-            d[k] = tuple(d[k])
-    return d
-
-
-def model_path(run: str | Path, checkpoint: str = "final") -> Path:
-    """A run's model file: ``final`` (model.keras) or ``best`` (by validation kappa)."""
-    return Path(run) / ("model.keras" if checkpoint == "final" else "checkpoints/best.keras")
-
-
-def load_config(run: str | Path) -> TrainConfig:
-    """A run's TrainConfig (RunError "not a drpipe run" without config.json)."""
-    d = runs.read_config(run)
-    d.pop(runs.DATA_KEY, None)
-    return TrainConfig(**_tuples(d))
-
-
-def _rmtree(p: Path) -> None:
-    import shutil
-
-    shutil.rmtree(p, ignore_errors=True)
-
-
-def default_run_dir() -> str:
-    import time
-
-    return os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
 

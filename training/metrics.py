@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 
-N_GRADES = 5
+from tfrecord_writer.schema import N_GRADES, REFERABLE_MIN_GRADE
+
+# Cut points turning a regression score into grades before any are fitted (and the start
+# of the fit, kappa_thresholds): halfway between the grades.
+DEFAULT_CUTS = (0.5, 1.5, 2.5, 3.5)
+# A referable model's output (P(grade >= REFERABLE_MIN_GRADE)) at or above this: referable.
+REFERABLE_CUT = 0.5
 
 
 def confusion(y_true, y_pred, n: int = N_GRADES) -> np.ndarray:
@@ -77,9 +83,9 @@ def grade_metrics(y_true, y_pred) -> dict:
     }
 
 
-def referable_metrics(y_true_grade, p_referable, threshold: float = 0.5) -> dict:
+def referable_metrics(y_true_grade, p_referable, threshold: float = REFERABLE_CUT) -> dict:
     """Binary referable DR (grade >= 2): AUC, sensitivity, specificity, accuracy."""
-    y = np.asarray(y_true_grade) >= 2
+    y = np.asarray(y_true_grade) >= REFERABLE_MIN_GRADE
     p = np.asarray(p_referable, float)
     pred = p >= threshold
     tp, tn = int((pred & y).sum()), int((~pred & ~y).sum())
@@ -95,7 +101,7 @@ def referable_metrics(y_true_grade, p_referable, threshold: float = 0.5) -> dict
     }
 
 
-def kappa_thresholds(y_true, y_score, start=(0.5, 1.5, 2.5, 3.5), rounds: int = 3) -> list[float]:
+def kappa_thresholds(y_true, y_score, start=DEFAULT_CUTS, rounds: int = 3) -> list[float]:
     """Cut points turning a regression score into grades, tuned for quadratic kappa.
 
     Coordinate search over each cut in turn (Barh; the Kaggle "optimised rounder"),
@@ -120,3 +126,17 @@ def kappa_thresholds(y_true, y_score, start=(0.5, 1.5, 2.5, 3.5), rounds: int = 
 
 def apply_thresholds(y_score, cuts) -> np.ndarray:
     return np.searchsorted(np.asarray(cuts), np.asarray(y_score, float), side="right")
+
+
+def decide(task: str, outputs, cuts=None) -> np.ndarray:
+    """The decision for each row of a model's ``outputs`` [n, k]: the grade (task "grade":
+    the most probable; "regression": the score cut at ``cuts``, default
+    :data:`DEFAULT_CUTS`) or, task "referable", 1 when P(referable) reaches
+    :data:`REFERABLE_CUT`. The ONE place a grade is decided: evaluate, predict and export
+    all call it."""
+    outputs = np.asarray(outputs)
+    if task == "grade":
+        return outputs.argmax(axis=1)
+    if task == "referable":
+        return (outputs[:, 0] >= REFERABLE_CUT).astype(int)
+    return apply_thresholds(outputs[:, 0], cuts or DEFAULT_CUTS)

@@ -16,6 +16,7 @@ import keras
 import numpy as np
 from keras import layers
 
+from tfrecord_writer.schema import N_GRADES
 from training import WeightsUnavailable  # noqa: F401 - re-exported
 
 # ------------------------------------------------------------------ normalisation
@@ -285,7 +286,8 @@ def build(spec: ModelSpec) -> tuple[keras.Model, keras.Model | None]:
         features = layers.Dropout(spec.dropout, name="head_dropout")(features)
     # float32 outputs even under mixed precision: softmax/sigmoid in float16 lose precision
     if spec.task == "grade":
-        out = layers.Dense(5, activation="softmax", dtype="float32", name="grade")(features)
+        out = layers.Dense(N_GRADES, activation="softmax", dtype="float32",
+                           name="grade")(features)
     elif spec.task == "referable":
         out = layers.Dense(1, activation="sigmoid", dtype="float32", name="referable")(features)
     elif spec.task == "regression":

@@ -12,18 +12,22 @@ training photos did: no train/serve skew.
 from __future__ import annotations
 
 import csv
-import json
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.encode import encode
-from pipeline.filters import FilterParams
-from pipeline.process import ProcessConfig, Rejection, prepare_or_reject, read_photo
+from pipeline.outputs import csv_cell
+from pipeline.process import Rejection
 from pipeline.sources import expand_photo_paths
-from tfrecord_writer.info import load_info
+from tfrecord_writer.schema import N_GRADES, REFERABLE_MIN_GRADE
+from tfrecord_writer.writer import atomic_write_bytes
+from training import runs
+from training.export import runner
+from training.metrics import decide
+from training.runs import process_config_of  # noqa: F401 - re-exported
 
 
 @dataclass(frozen=True)
@@ -37,13 +41,20 @@ class Prediction:
     referable: float | None  # P(grade >= 2), or the referable model's output
     score: float | None  # regression output
 
+    @classmethod
+    def rejected(cls, path: Path, image_id: str, reason: str) -> Prediction:
+        return cls(image_id, str(path), "rejected", reason, None, None, None, None)
 
-def process_config_of(data_dir: str | Path) -> ProcessConfig:
-    """The ProcessConfig the shards were made with (from drpipe_info.json)."""
-    info = load_info(data_dir)
-    proc = dict(info["config"]["process"])
-    proc["filter_params"] = FilterParams(**proc.get("filter_params", {}))
-    return ProcessConfig(**proc)
+
+def graded(path: Path, image_id: str, task: str, y: np.ndarray, grade: int) -> Prediction:
+    """The prediction for one photo from the model's output ``y`` and its decided grade."""
+    if task == "grade":
+        p = [float(v) for v in y]
+        return Prediction(image_id, str(path), "ok", "", int(grade), p,
+                          float(sum(p[REFERABLE_MIN_GRADE:])), None)
+    if task == "referable":
+        return Prediction(image_id, str(path), "ok", "", None, None, float(y[0]), None)
+    return Prediction(image_id, str(path), "ok", "", int(grade), None, None, float(y[0]))
 
 
 def predict_photos(run: str | Path, sources, checkpoint: str = "final",
@@ -51,31 +62,22 @@ def predict_photos(run: str | Path, sources, checkpoint: str = "final",
                    exported: str | Path | None = None) -> list[Prediction]:
     """Grades for photos. ``exported``: a model from ``drpipe export`` (SavedModel directory
     or .tflite) to run instead of the run's Keras model, with the same preprocessing."""
-    import keras
-    import tensorflow as tf
+    import keras  # deferred: TensorFlow
 
     import training.models  # noqa: F401 - registers the custom layers
-    from training.data import image_decoder
-    from training.fit import load_config, model_path
-    from training.metrics import apply_thresholds
-    from training.runs import process_config
+    from training.data import photo_input
 
     run = Path(run)
-    cfg = load_config(run)
-    proc = process_config(run, cfg.data)  # as recorded at train time
+    cfg = runs.load_config(run)
+    to_input = photo_input(runs.process_config(run, cfg.data), cfg.image_size)  # as trained
     if exported:
-        from training.export import runner
-
         model = runner(exported, threads=os.cpu_count() or 1)
     else:
-        keras_model = keras.saving.load_model(model_path(run, checkpoint))
+        keras_model = keras.saving.load_model(runs.model_path(run, checkpoint))
 
         def model(x):
             return keras_model(x, training=False)
-    decode = image_decoder(proc.size, proc.format, cfg.image_size)
-    thresholds = None
-    if cfg.task == "regression":
-        thresholds = json.loads((run / "metrics.json").read_text()).get("thresholds")
+    cuts = runs.recorded_cuts(run) if cfg.task == "regression" else None
 
     out: list[Prediction] = []
     pending: list[tuple[Path, np.ndarray]] = []
@@ -83,21 +85,17 @@ def predict_photos(run: str | Path, sources, checkpoint: str = "final",
     def flush():
         if not pending:
             return
-        batch = np.stack([img for _, img in pending])
-        y = np.asarray(model(batch), np.float32)
-        for (path, _), row in zip(pending, y, strict=True):
-            out.append(_prediction(path, row, cfg.task, thresholds, apply_thresholds))
+        y = np.asarray(model(np.stack([img for _, img in pending])), np.float32)
+        for (path, _), row, grade in zip(pending, y, decide(cfg.task, y, cuts), strict=True):
+            out.append(graded(path, path.stem, cfg.task, row, grade))
         pending.clear()
 
     for path in expand_photo_paths(sources):
-        data = read_photo(path)
-        result = data if isinstance(data, Rejection) else prepare_or_reject(data, proc)
+        result = to_input(path)
         if isinstance(result, Rejection):
-            out.append(Prediction(path.stem, str(path), "rejected", str(result), None, None,
-                                  None, None))
+            out.append(Prediction.rejected(path, path.stem, str(result)))
         else:
-            encoded = encode(result.image, proc.format, proc.quality)  # as in the records
-            pending.append((path, decode(tf.constant(encoded)).numpy()))
+            pending.append((path, result))
             if len(pending) == batch_size:
                 flush()
         if progress:
@@ -106,32 +104,40 @@ def predict_photos(run: str | Path, sources, checkpoint: str = "final",
     return sorted(out, key=lambda p: p.image_id)
 
 
-def _prediction(path: Path, y: np.ndarray, task: str, thresholds, apply_thresholds):
-    if task == "grade":
-        p = [float(v) for v in y]
-        return Prediction(path.stem, str(path), "ok", "", int(np.argmax(y)), p,
-                          float(sum(p[2:])), None)
-    if task == "referable":
-        return Prediction(path.stem, str(path), "ok", "", None, None, float(y[0]), None)
-    grade = int(apply_thresholds([float(y[0])], thresholds or [0.5, 1.5, 2.5, 3.5])[0])
-    return Prediction(path.stem, str(path), "ok", "", grade, None, None, float(y[0]))
+def predict(run: str | Path, sources, checkpoint: str = "final", progress=None,
+            exported: str | Path | None = None) -> list[Prediction]:
+    """``drpipe predict``: a run's, or an ensemble directory's, grades for photos."""
+    if runs.is_ensemble(run):
+        from training.ensemble import predict_photos as ensemble_predict  # imports this module
+
+        return ensemble_predict(run, sources, progress=progress)
+    return predict_photos(run, sources, checkpoint, progress=progress, exported=exported)
 
 
-PRED_HEADER = ["image_id", "path", "status", "reason", "grade", "p_grade0", "p_grade1",
-               "p_grade2", "p_grade3", "p_grade4", "p_referable", "score"]
+def check_predictor(run: str | Path, checkpoint: str = "final",
+                    exported: str | Path | None = None) -> list[Path]:
+    """Before any model loads: every run that will grade (a run, or an ensemble's members)
+    can, with its preprocessing and its model. Returns them (RunError if one cannot)."""
+    members, checkpoint = runs.members_of(run, checkpoint)
+    for member in members:
+        runs.check_servable(member, checkpoint, need_model=not exported)
+    return members
+
+
+PRED_HEADER = ["image_id", "path", "status", "reason", "grade",
+               *(f"p_grade{g}" for g in range(N_GRADES)), "p_referable", "score"]
 
 
 def write_csv(preds: list[Prediction], path: str | Path) -> None:
-    """Text cells that a spreadsheet would run as formulas get a leading ' (OWASP)."""
-    from pipeline.outputs import csv_cell
-
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(PRED_HEADER)
-        for p in preds:
-            probs = [f"{v:.6f}" for v in p.probabilities] if p.probabilities else [""] * 5
-            w.writerow([csv_cell(p.image_id), csv_cell(str(p.path)), p.status,
-                        csv_cell(p.reason),
-                        "" if p.grade is None else p.grade, *probs,
-                        "" if p.referable is None else f"{p.referable:.6f}",
-                        "" if p.score is None else f"{p.score:.6f}"])
+    """Text cells that a spreadsheet would run as formulas get a leading ' (OWASP). Written
+    whole (temp-then-rename)."""
+    f = io.StringIO(newline="")
+    w = csv.writer(f, lineterminator="\n")
+    w.writerow(PRED_HEADER)
+    for p in preds:
+        probs = [f"{v:.6f}" for v in p.probabilities] if p.probabilities else [""] * N_GRADES
+        w.writerow([csv_cell(p.image_id), csv_cell(str(p.path)), p.status, csv_cell(p.reason),
+                   "" if p.grade is None else p.grade, *probs,
+                   "" if p.referable is None else f"{p.referable:.6f}",
+                   "" if p.score is None else f"{p.score:.6f}"])
+    atomic_write_bytes(Path(path), f.getvalue().encode("utf-8"))

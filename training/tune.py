@@ -1,4 +1,4 @@
-"""``drpipe tune``: a grid over training flags, one ``drpipe train`` run per point.
+"""``drpipe tune``: a grid over training flags, one training run per point.
 
     tune/<name>/
       tune.json               the grid and the fixed flags (a re-run must match them)
@@ -7,28 +7,45 @@
       summary.csv             one row per point, sorted by validation kappa
       tune.png                validation kappa per point (a heat map for a 2-D grid)
 
-Each point runs as its own ``drpipe train`` process: memory is returned between points,
-and a point's directory is exactly what ``drpipe train`` would make (evaluate, predict,
-export and ensemble take it as it is). Re-running the same command skips finished points
-and resumes an interrupted one from its last epoch.
+Each point's flags are drpipe train's, parsed by it (the ``options_of`` callable
+:func:`prepare` is given) before anything trains. Each point then runs as its own process,
+``python -m training`` (training/__main__.py) with those options: memory is returned
+between points, a crash ends one point only, and a point's directory is exactly what
+``drpipe train`` would make (evaluate, predict, export and ensemble take it as it is).
+Re-running the same command skips finished points and resumes an interrupted one from its
+last epoch.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import itertools
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
+
+from reporting.plots import read_history
+from tfrecord_writer.writer import atomic_write_bytes
+from training import runs
 
 
 class TuneError(RuntimeError):
     """A one-line reason the tuning cannot start."""
+
+
+class TuneUsageError(TuneError):
+    """A grid or flags that cannot be used as given: a usage error (exit 2)."""
 
 
 @dataclass
@@ -40,6 +57,7 @@ class Point:
     metrics: dict | None = None
     best_epoch_kappa: float | None = None
     best_epoch: int | None = None
+    options: dict = field(default_factory=dict)  # drpipe train's, parsed (prepare)
 
     @property
     def name(self) -> str:
@@ -96,8 +114,6 @@ def plan(grid: dict[str, list[str]], out: Path) -> list[Point]:
 
 
 def _history_best(run: Path) -> tuple[float | None, int | None]:
-    from training.fit import read_history
-
     rows = [r for r in read_history(run) if r.get("val_kappa") not in (None, "")]
     if not rows:
         return None, None
@@ -106,33 +122,36 @@ def _history_best(run: Path) -> tuple[float | None, int | None]:
 
 
 def collect(point: Point) -> None:
-    if (point.dir / "metrics.json").exists() and (point.dir / "model.keras").exists():
+    if (point.dir / runs.METRICS).exists() and runs.is_finished(point.dir):
         point.status = "done"
-        point.metrics = json.loads((point.dir / "metrics.json").read_text())
+        point.metrics = json.loads((point.dir / runs.METRICS).read_text())
         point.best_epoch_kappa, point.best_epoch = _history_best(point.dir)
 
 
-def _drpipe() -> list[str]:
-    return [sys.executable, "-m", "drpipe"]
+def _training() -> list[str]:
+    return [sys.executable, "-m", "training"]  # training/__main__.py
 
 
-def run_point(point: Point, fixed: list[str], log_path: Path) -> None:
-    """Train one point (or resume it), its output to ``log_path``."""
-    if (point.dir / "config.json").exists():
-        cmd = [*_drpipe(), "train", "--resume", str(point.dir)]
+def run_point(point: Point, log_path: Path) -> None:
+    """Train one point (or resume it) in a process of its own, its output to ``log_path``."""
+    if runs.is_run(point.dir):
+        cmd = [*_training(), "--resume", str(point.dir)]
     else:
         # killed before its config was written: nothing to resume, start it again
         shutil.rmtree(point.dir, ignore_errors=True)
-        cmd = [*_drpipe(), "train", *point.args(fixed)]
+        options = dict(point.options)
+        version = options.pop("data_version", None)
+        cmd = [*_training(), "--options", json.dumps(options, default=str)]
+        cmd += ["--version", str(version)] if version is not None else []
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
     with open(log_path, "a", encoding="utf-8") as log:
-        log.write("+ " + " ".join(cmd) + "\n")
+        log.write("+ " + shlex.join(cmd) + "\n")
         log.flush()
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     collect(point)
     if point.status != "done":
         point.status = "failed"
-        point.error = _last_error(log_path) or f"drpipe train exited {rc}"
+        point.error = _last_error(log_path) or f"training exited {rc}"
 
 
 def _last_error(log_path: Path) -> str:
@@ -154,9 +173,7 @@ def check_manifest(out: Path, grid: dict[str, list[str]], fixed: list[str]) -> N
                             "another --out, or repeat the same command to continue it")
         return
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "tune.json.tmp"
-    tmp.write_text(json.dumps(want, indent=2))
-    os.replace(tmp, path)
+    runs.write_json(path, want)
 
 
 SUMMARY_COLUMNS = ["rank", "point", "status", "val_kappa", "val_accuracy",
@@ -174,16 +191,15 @@ def sorted_points(points: list[Point]) -> list[Point]:
 def write_summary(points: list[Point], grid: dict[str, list[str]], out: Path) -> Path:
     rows = sorted_points(points)
     path = out / "summary.csv"
-    tmp = out / "summary.csv.tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(SUMMARY_COLUMNS[:2] + list(grid) + SUMMARY_COLUMNS[2:])
-        for rank, p in enumerate(rows, 1):
-            m = p.metrics or {}
-            w.writerow([rank if m else "", p.name, *p.params.values(), p.status,
-                        _fmt(m.get("quadratic_kappa")), _fmt(m.get("accuracy")),
-                        _fmt(p.best_epoch_kappa), p.best_epoch or "", str(p.dir), p.error])
-    os.replace(tmp, path)
+    f = io.StringIO(newline="")
+    w = csv.writer(f, lineterminator="\n")
+    w.writerow(SUMMARY_COLUMNS[:2] + list(grid) + SUMMARY_COLUMNS[2:])
+    for rank, p in enumerate(rows, 1):
+        m = p.metrics or {}
+        w.writerow([rank if m else "", p.name, *p.params.values(), p.status,
+                    _fmt(m.get("quadratic_kappa")), _fmt(m.get("accuracy")),
+                    _fmt(p.best_epoch_kappa), p.best_epoch or "", str(p.dir), p.error])
+    atomic_write_bytes(path, f.getvalue().encode("utf-8"))
     plot(points, grid, out / "tune.png")
     return path
 
@@ -193,11 +209,10 @@ def _fmt(v) -> str:
 
 
 def plot(points: list[Point], grid: dict[str, list[str]], path: Path) -> None:
-    import matplotlib
+    import matplotlib  # deferred: matplotlib takes a second to import
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     def kappa(p):
         return p.metrics["quadratic_kappa"] if p.metrics else np.nan
@@ -233,14 +248,64 @@ def plot(points: list[Point], grid: dict[str, list[str]], path: Path) -> None:
     plt.close(fig)
 
 
-def tune(grid: dict[str, list[str]], fixed: list[str], out: str | Path,
-         progress=None, log=print) -> list[Point]:
-    """Train every point not yet done; returns the points sorted by validation kappa."""
-    out = Path(out)
+@dataclass
+class Tuning:
+    """A prepared tuning: the grid, the flags every point shares, the directory, the points
+    (each with its parsed options)."""
+
+    grid: dict[str, list[str]]
+    fixed: list[str]
+    out: Path
+    points: list[Point]
+
+    def describe(self) -> str:
+        axes = " x ".join(f"{k} {{{', '.join(v)}}}" for k, v in self.grid.items())
+        return f"{len(self.points)} points: {axes} -> {self.out}"
+
+
+def prepare(data: str | Path | None, lrs: str, batch_sizes: str, grids: list[str],
+            train_args: list[str], out: str | Path | None,
+            options_of: Callable[[list[str]], dict]) -> Tuning:
+    """``drpipe tune``'s grid from its options: ``--lr`` and ``--batch-size`` lists ('' = not
+    an axis) and ``--grid`` items; ``train_args`` go to every point, with ``--data`` unless
+    data is an axis. Every point's flags are parsed by ``options_of`` (drpipe train's
+    parser: a TuneError names what is wrong) before anything trains, and the directory's
+    tune.json is checked (or written). TuneUsageError for what the user must change,
+    RunError for missing shards, TuneError for a directory of another tuning."""
+    items = []
+    if lrs.strip():
+        items.append(f"lr={lrs}")
+    if batch_sizes.strip():
+        items.append(f"batch-size={batch_sizes}")
+    try:
+        grid = parse_grid([*items, *grids])
+    except TuneError as e:
+        raise TuneUsageError(str(e)) from None
+    if "data" in grid:  # preprocessing variants as a grid axis
+        grid["data"] = [str(Path(v).resolve()) for v in grid["data"]]
+    fixed = list(train_args)
+    for flag in ("--out", "--resume", "--config"):
+        if any(a == flag or a.startswith(flag + "=") for a in fixed):
+            raise TuneUsageError(f"{flag} is set by drpipe tune, not per run")
+    if "data" not in grid:
+        runs.dataset_info(data)  # "no drpipe shards here" (RunError)
+        fixed = ["--data", str(Path(data).resolve()), *fixed]
+    out = Path(out) if out else Path("runs") / f"tune-{time.strftime('%Y%m%d-%H%M%S')}"
     if not grid:
         raise TuneError("nothing to tune: give --lr, --batch-size or --grid OPTION=V1,V2")
-    check_manifest(out, grid, fixed)
     points = plan(grid, out)
+    for p in points:  # every point's flags are checked before anything trains
+        try:
+            p.options = options_of(p.args(fixed))
+        except TuneError as e:
+            raise TuneUsageError(f"point {p.name}: {e}") from None
+    check_manifest(out, grid, fixed)  # before anything is printed or trained
+    return Tuning(grid, fixed, out, points)
+
+
+def tune(tuning: Tuning, progress=None, log=print) -> list[Point]:
+    """Train every point not yet done; returns the points sorted by validation kappa."""
+    grid, out, points = tuning.grid, tuning.out, tuning.points
     for p in points:
         collect(p)
     done = sum(p.status == "done" for p in points)
@@ -248,7 +313,7 @@ def tune(grid: dict[str, list[str]], fixed: list[str], out: str | Path,
         log(f"{done} of {len(points)} points already trained in {out}")
     for p in points:
         if p.status != "done":
-            run_point(p, fixed, out / f"{p.name}.log")
+            run_point(p, out / f"{p.name}.log")
             k = p.metrics["quadratic_kappa"] if p.metrics else None
             log(f"{p.name}: " + (f"validation kappa {k:.3f}" if k is not None
                                  else f"FAILED: {p.error} (see {out / (p.name + '.log')})"))
@@ -257,3 +322,17 @@ def tune(grid: dict[str, list[str]], fixed: list[str], out: str | Path,
             progress()
     write_summary(points, grid, out)
     return sorted_points(points)
+
+
+def ranking(ranked: list[Point]) -> list[str]:
+    """The ranked points as the lines drpipe tune prints."""
+    width = max(len(p.name) for p in ranked)
+    lines = [f"{'rank':>4}  {'point':{width}}  val kappa  val acc  best epoch (kappa)"]
+    for i, p in enumerate(ranked, 1):
+        if p.metrics:
+            best = (f"{p.best_epoch} ({p.best_epoch_kappa:.3f})" if p.best_epoch else "")
+            lines.append(f"{i:>4}  {p.name:{width}}  {p.metrics['quadratic_kappa']:9.3f}  "
+                         f"{p.metrics['accuracy']:7.3f}  {best}")
+        else:
+            lines.append(f"{'-':>4}  {p.name:{width}}  failed: {p.error}")
+    return lines
