@@ -24,12 +24,12 @@ import click
 from drpipe import __version__
 from drpipe.options import (
     config_option,
-    key_value_pairs,
     local_file_or_url,
     min_quality_score,
     process_config,
     process_options,
     split_ratios,
+    storage_option,
 )
 from drpipe.options import (
     load_config_file as _load_config_file,  # train's --config
@@ -282,11 +282,7 @@ def preview(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_megap
               default=None, help="Source layout [default: detected].")
 @click.option("--labels", callback=local_file_or_url, metavar="FILE|URL", default=None,
               help="Labels CSV for any layout (photos matched by file name).")
-@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
-              callback=key_value_pairs,
-              help="An fsspec option for URLs (e.g. endpoint_url=http://minio:9000, "
-                   "anon=true); repeatable. Credentials come from the environment or the "
-                   "instance's role and are never stored.")
+@storage_option(expose=True)
 @click.option("--id-col", default="image", show_default=True, help="--labels: image id column.")
 @click.option("--label-col", default="level", show_default=True,
               help="--labels: grade (0-4) column.")
@@ -431,6 +427,7 @@ def _int_list(ctx, param, value):
 @click.option("--config", type=click.Path(exists=True, dir_okay=False), callback=_load_config_file,
               is_eager=True, expose_value=False,
               help="TOML file with any of these options (keys as option names).")
+@storage_option()
 @click.option("--data", type=click.Path(file_okay=False), callback=_data_dir, metavar="DIR|URL",
               default="shards", show_default=True,
               help="Output of drpipe preprocess; a store URL (s3://...) is copied to the "
@@ -526,6 +523,7 @@ def train(resume, data_version, **kw):
 
 @main.command()
 @click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@storage_option()
 @click.option("--data", default=None, callback=_data_dir,
               help="Shards directory or store URL [default: the run's].")
 @click.option("--split", default="test", show_default=True)
@@ -657,6 +655,7 @@ def explain(run, images, out, class_index):
                    "accuracy-weighted average (mean: its earlier name); weighted: per-grade "
                    "F1-weighted average; stack: logistic regression fitted on validation "
                    "predictions.")
+@storage_option()
 @click.option("--data", default=None, callback=_data_dir,
               help="Shards directory or store URL [default: the first run's].")
 @click.option("--split", default="test", show_default=True, help="Split to score.")
@@ -743,6 +742,7 @@ def export(run, fmt, quantize, out, checkpoint, threads):
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@storage_option()
 @click.option("--data", type=click.Path(file_okay=False), callback=_data_dir, metavar="DIR|URL",
               default="shards", show_default=True,
               help="Output of drpipe preprocess; a store URL (s3://...) is copied to the "
@@ -813,6 +813,7 @@ def tune(data, lrs, batch_sizes, grids, out, train_args):
 
 
 @main.command()
+@storage_option()
 @click.option("--data", type=click.Path(file_okay=False), callback=_data_dir, default=None,
               help="Shards (output of drpipe preprocess; a store URL is copied to the local "
                    "cache first) [default: the first run's, else "

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from pipeline import storage
 from pipeline.filters import available as available_filters
 from pipeline.quality import parse_min_quality
 from pipeline.split import parse_split_spec
@@ -18,6 +19,25 @@ try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
+
+
+STORAGE_HELP = ("An fsspec option for URLs (e.g. endpoint_url=http://minio:9000, anon=true); "
+                "repeatable. Credentials come from the environment or the instance's role and "
+                "are never stored.")
+
+
+def storage_option(expose: bool = False):
+    """--storage-option KEY=VALUE for a command that takes URLs: parsed and given to
+    pipeline.storage before the other options (eager), so that a ``--data s3://...``
+    callback staging the shards already uses them."""
+    def configure(ctx, param, values):
+        options = key_value_pairs(ctx, param, values)
+        storage.configure(options)
+        return options
+
+    return click.option("--storage-option", "storage_options", multiple=True,
+                        metavar="KEY=VALUE", is_eager=True, expose_value=expose,
+                        callback=configure, help=STORAGE_HELP)
 
 
 def config_option(f):

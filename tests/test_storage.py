@@ -298,3 +298,24 @@ def test_report_on_a_store_output(s3, raw_url, tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "r.html").stat().st_size > 10_000
+
+
+def test_storage_options_reach_data_urls(s3, raw_url, tmp_path):
+    """--storage-option on the commands that read --data URLs (report here; train, evaluate,
+    ensemble and tune take the same option): applied before the shards are staged — an
+    endpoint that answers nothing is a one-line failure, not the default endpoint."""
+    url = "s3://bkt/out1"
+    if "dataset_info.json" not in objects(s3, url):
+        preprocess("--src", raw_url, "--out", url, *SETTINGS)
+    r = subprocess.run([DRPIPE, "report", "--data", url, "--out", str(tmp_path / "r.html"),
+                        "--storage-option", "endpoint_url=http://127.0.0.1:9",
+                        "--storage-option",
+                        'config_kwargs={"retries": {"max_attempts": 1}, "connect_timeout": 2}'],
+                       capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, DRPIPE_CACHE=str(tmp_path / "cache")))
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "r.html").exists()
+    for command in ("train", "evaluate", "ensemble", "tune"):
+        help_text = subprocess.run([DRPIPE, command, "--help"], capture_output=True, text=True,
+                                   timeout=120).stdout
+        assert "--storage-option" in help_text, command
