@@ -59,6 +59,7 @@ def test_representative_models_train_a_step(name):
 
 
 @pytest.mark.slow
+@pytest.mark.registry  # 18 large models, minutes each: not in CI's run (.ci/run)
 @pytest.mark.parametrize("name", [n for n in REGISTRY if n not in QUICK])
 def test_every_registry_model_trains_a_step(name):
     # One process per model: TensorFlow keeps what 18 large models allocated (15 GB of the
