@@ -16,6 +16,7 @@ from pipeline.job import JobConfig, JobError, LockHeld, RunOptions, run
 from pipeline.remote_out import run_to_store
 from pipeline.sources import LabelError, SourceError
 from pipeline.versions import history_entry
+from tfrecord_writer.files import atomic_write_bytes
 
 # Keys every preprocess summary has: an existing --summary-json without them is not ours.
 SUMMARY_KEYS = ("photos", "ok", "rejected", "rejected_by_reason", "shards")
@@ -47,7 +48,7 @@ def preprocess(cfg: JobConfig, opts: RunOptions, summary_json: Path | None = Non
             raise
         if summary_json:
             try:
-                summary_json.write_text(json.dumps(summary, indent=2) + "\n")
+                atomic_write_bytes(summary_json, (json.dumps(summary, indent=2) + "\n").encode())
             except OSError as e:
                 raise JobError(f"cannot write --summary-json {summary_json}: "
                                f"{e.strerror or e} (the run itself is complete)") from None

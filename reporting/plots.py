@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tfrecord_writer.files import atomic_write_bytes
+
 GRADES = ["0 no DR", "1 mild", "2 moderate", "3 severe", "4 proliferative"]
 COLORS = ["#4c78a8", "#72b7b2", "#eeca3b", "#f58518", "#e45756"]
 VERDICTS = ("good", "usable", "reject")
@@ -37,6 +39,18 @@ def png_uri(fig) -> str:
     fig.savefig(buf, format="png", dpi=100)
     pyplot().close(fig)
     return data_uri(buf.getvalue(), "png")
+
+
+def save_png(fig, path) -> None:
+    """The figure as a PNG to ``path`` (whole or not at all: atomic_write_bytes) or to a
+    buffer; closed afterwards."""
+    if hasattr(path, "write"):
+        fig.savefig(path, format="png", dpi=100)
+    else:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
+        atomic_write_bytes(Path(path), buf.getvalue())
+    pyplot().close(fig)
 
 
 def data_uri(data: bytes, fmt: str) -> str:
@@ -140,8 +154,7 @@ def plot_history(run: Path) -> None:
         ax.legend()
     fig.suptitle(run.name)
     fig.tight_layout()
-    fig.savefig(run / "training_curves.png", dpi=100)
-    plt.close(fig)
+    save_png(fig, run / "training_curves.png")
 
 
 def plot_confusion(result: dict, path: Path) -> None:
@@ -163,5 +176,4 @@ def plot_confusion(result: dict, path: Path) -> None:
     ax.set_title(f"{result.get('split', '')}: kappa {kappa:.3f}" if kappa is not None
                  else str(result.get("split", "")))
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_png(fig, path)

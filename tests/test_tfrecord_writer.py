@@ -204,6 +204,23 @@ def test_the_pipeline_layers_import_no_upper_floor():
     assert found == ["tfrecord_writer/schema.py tensorflow"]
 
 
+def test_reporting_and_training_never_import_the_command_line():
+    """The command line is the top floor: nothing below imports drpipe/; reporting/ (read by
+    drpipe report, TensorFlow-free) imports no TensorFlow or Keras at all."""
+    root = Path(__file__).parents[1]
+    found = []
+    for path in sorted([*root.glob("reporting/*.py"), *root.glob("training/*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                top = name.split(".")[0]
+                if top == "drpipe" or (path.parent.name == "reporting"
+                                       and top in ("tensorflow", "keras")):
+                    found.append(f"{path.relative_to(root)} {name}")
+    assert found == []
+
+
 def test_replacing_renames_when_whole_and_removes_when_refused(tmp_path):
     from tfrecord_writer.files import atomic_write_bytes, replacing
 

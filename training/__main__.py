@@ -18,10 +18,10 @@ import json
 import os
 import sys
 
-from drpipe.tflogs import install
 from training import WeightsUnavailable
 from training.fit import OptionError, metrics_line, new_config, resume_config, train
 from training.runs import RunError
+from training.tflogs import install
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("--resume", help="a run directory to continue")
     parser.add_argument("--version", type=int, default=None)
     args = parser.parse_args(argv)
+    if args.resume and args.version is not None:
+        parser.error("--version is for a new run (a resumed run keeps its data version)")
+    # Line by line into the point's log, as drpipe train's click.echo did: a kill loses
+    # nothing already said.
+    sys.stdout.reconfigure(line_buffering=True)
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     install()  # TensorFlow's native start-up lines hidden, as under drpipe (no TF yet)
@@ -44,6 +49,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (RunError, WeightsUnavailable, FileNotFoundError, ValueError) as e:
         print(f"drpipe: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("drpipe: error: interrupted (tune resumes the point)", file=sys.stderr)
+        return 130
+    except Exception as e:  # as drpipe's own catch-all: one line for tune's summary
+        if os.environ.get("DRPIPE_DEBUG"):
+            raise
+        print(f"drpipe: internal error: {type(e).__name__}: {e} "
+              "(set DRPIPE_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
     print(metrics_line(result, cfg.out))
     return 0

@@ -141,13 +141,14 @@ def explain_photos(run: str | Path, images, out: str | Path,
                    class_index: int | None = None) -> list[tuple[str, object]]:
     """Write one PNG per photo (photo | heat map overlay). Returns [(path, result)], the
     result being (class, output) or the Rejection of a photo that cannot be processed."""
+    run, out = Path(run), Path(out)
+    files, targets = check_explain(run, images, out)  # before TensorFlow loads (seconds)
+
     import keras  # deferred: TensorFlow
 
     import training.models  # noqa: F401 - registers the custom layers
     from training.data import photo_input
 
-    run, out = Path(run), Path(out)
-    files, targets = check_explain(run, images, out)  # before the model loads
     cfg = runs.load_config(run)
     to_input = photo_input(runs.process_config(run, cfg.data), cfg.image_size)  # as trained
     model = keras.saving.load_model(runs.model_path(run))

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from reporting.plots import read_history
+from reporting.plots import read_history, save_png
 from tfrecord_writer.writer import atomic_write_bytes
 from training import runs
 
@@ -129,7 +129,10 @@ def collect(point: Point) -> None:
 
 
 def _training() -> list[str]:
-    return [sys.executable, "-m", "training"]  # training/__main__.py
+    # training/__main__.py's main(), with the working directory off sys.path ("-m" would put
+    # it first: a user's own training.py there would run instead of drpipe's package).
+    return [sys.executable, "-c", "import sys; sys.path.pop(0); "
+            "from training.__main__ import main; sys.exit(main())"]
 
 
 def run_point(point: Point, log_path: Path) -> None:
@@ -244,8 +247,7 @@ def plot(points: list[Point], grid: dict[str, list[str]], path: Path) -> None:
         ax.grid(axis="x", alpha=0.3)
     ax.set_title("drpipe tune")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 @dataclass

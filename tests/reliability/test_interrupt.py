@@ -44,7 +44,7 @@ def test_ctrl_c_is_one_line_exit_130_and_resumable(raw, tmp_path):
 
 
 def test_tensorflow_start_up_lines_are_hidden_unless_asked():
-    code = ("from drpipe.tflogs import install; install(); import tensorflow as tf; "
+    code = ("from training.tflogs import install; install(); import tensorflow as tf; "
             "print(float(tf.reduce_sum(tf.ones((2, 2)))))")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     env.pop("DRPIPE_TF_LOGS", None)
