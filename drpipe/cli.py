@@ -517,6 +517,9 @@ def train(resume, data_version, **kw):
     _need_shards(cfg.data)
     try:
         result = run_training(cfg, resume=bool(resume), log=click.echo)
+    except KeyboardInterrupt:  # click would say "Aborted!" and exit 1
+        raise Interrupted(f"interrupted; drpipe train --resume {cfg.out} continues from the "
+                          "last epoch") from None
     except (RunError, WeightsUnavailable, FileNotFoundError, ValueError) as e:
         raise DrpipeError(str(e)) from None
     click.echo(metrics_line(result, cfg.out))

@@ -43,6 +43,41 @@ def test_ctrl_c_is_one_line_exit_130_and_resumable(raw, tmp_path):
     assert digest(out) == digest(clean)
 
 
+def test_ctrl_c_in_train_is_one_line_exit_130_and_resumable(tmp_path):
+    import csv
+
+    from tests.helpers import synth_shards
+
+    shards = synth_shards(tmp_path, 40, 3, 64, "train=0.7,val=0.3", "--workers", 1)
+    run = tmp_path / "run"
+    p = subprocess.Popen([DRPIPE, "train", "--data", str(shards), "--model", "cnn-small",
+                          "--image-size", "32", "--epochs", "6", "--batch-size", "8",
+                          "--out", str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+
+    def epochs() -> int:
+        try:
+            return len(list(csv.DictReader(open(run / "history.csv"))))
+        except OSError:
+            return 0
+    deadline = time.time() + 300
+    while epochs() < 1 and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert p.poll() is None, "training ended before its first epoch was recorded"
+    os.killpg(p.pid, signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("drpipe: error: interrupted") and f"--resume {run}" in last, err
+    assert "Traceback" not in err and "Aborted!" not in err
+    assert not (run / "model.keras").exists()
+    r = drpipe("train", "--resume", run, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    from reporting.plots import read_history  # a row repeated by the resume is kept once
+
+    assert [row["epoch"] for row in read_history(run)] == [str(k) for k in range(6)]
+
+
 def test_tensorflow_start_up_lines_are_hidden_unless_asked():
     code = ("from training.tflogs import install; install(); import tensorflow as tf; "
             "print(float(tf.reduce_sum(tf.ones((2, 2)))))")
