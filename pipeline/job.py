@@ -211,6 +211,13 @@ class _Lock:
             raise LockHeld(f"another drpipe run is writing to {self.path.parent} "
                            f"(pid {holder}); wait for it or choose another --out") from None
         self.f.seek(0)
+        held = self.f.read().strip()
+        if held and not held.isdigit():  # drpipe writes a pid there, nothing else
+            fcntl.flock(self.f, fcntl.LOCK_UN)
+            self.f.close()
+            raise JobError(f"{self.path} is not drpipe's lock file (it holds other text); "
+                           "move it away or choose another --out")
+        self.f.seek(0)
         self.f.truncate()
         self.f.write(str(os.getpid()))
         self.f.flush()

@@ -198,6 +198,14 @@ def test_lock_stops_a_second_run(raw, tmp_path):
     assert [h["exit_status"] for h in history] == [75, 0]
 
 
+def test_a_lock_file_drpipe_did_not_write_is_kept(raw, tmp_path):
+    (tmp_path / ".drpipe.lock").write_text("my notes\n")
+    r = preprocess("--src", raw, "--out", tmp_path, "--limit", 4, check=False)
+    assert r.returncode == 1 and "not drpipe's lock file" in r.stderr, r.stderr
+    assert (tmp_path / ".drpipe.lock").read_text() == "my notes\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".drpipe.lock"]
+
+
 def test_strict_fails_on_rejections(raw, tmp_path):
     r = preprocess("--src", raw, "--out", tmp_path, "--strict", "--workers", 1, check=False)
     assert r.returncode == 1
