@@ -199,15 +199,23 @@ def _run_to_store(config, opts, progress_factory, url: str) -> dict:
                 return dict(info["summary"], already_complete=True)
             if not same and not opts.overwrite:
                 raise job.other_run(url, old, state)
+            recorded = _recorded(fs, url, names, old)
+            stray = sorted(n for n in names if n.endswith(".tfrecord") and n not in recorded)
+            if stray:  # as on a local --out: a shard no drpipe run recorded is not ours
+                raise JobError(f"{url} holds {stray[0]}" + (
+                    f" and {len(stray) - 1} more shard(s)" if len(stray) > 1 else "")
+                    + " that no drpipe run recorded writing here; move them away or choose "
+                    "another --out")
             if not same or opts.overwrite:
-                _clear(fs, url, names)
+                _clear(fs, url, names, recorded)
+                recorded = set()
         else:  # without a state file nothing here is known to be drpipe's: even shards
+            recorded = set()
             foreign = sorted(n for n in names if n != LEASE)
             if foreign:  # --overwrite too: it replaces a drpipe output, nothing else
                 raise JobError(f"{url} is not empty and not a drpipe output ({foreign[0]}, "
                                "...); choose an empty --out")
-        fs.pipe_file(f"{url}/{job.STATE_FILE}", json.dumps(state, indent=2,
-                                                           sort_keys=True).encode())
+        _write_state(fs, url, state, recorded)
         local = cache_dir() / "out" / _url_key(url)
         if opts.overwrite:
             shutil.rmtree(local, ignore_errors=True)
@@ -217,7 +225,7 @@ def _run_to_store(config, opts, progress_factory, url: str) -> dict:
                           dataclasses.replace(opts, overwrite=False), progress_factory)
         summary.pop("already_complete", None)
         lease.check()
-        _upload(fs, local, url, lease)
+        _upload(fs, local, url, lease, state, recorded)
     shutil.rmtree(local, ignore_errors=True)
     return summary
 
@@ -244,8 +252,26 @@ def _reuse_or_clear(local: Path, state: dict) -> None:
         shutil.rmtree(local)
 
 
-def _ours(name: str) -> bool:
-    return name in job.OWN_FILES or name in (LEASE, SUMS) or name.endswith(".tfrecord")
+def _write_state(fs, url: str, state: dict, shards: set[str]) -> None:
+    fs.pipe_file(f"{url}/{job.STATE_FILE}", json.dumps(
+        dict(state, shards=sorted(shards)), indent=2, sort_keys=True).encode())
+
+
+def _recorded(fs, url: str, names, old: dict) -> set[str]:
+    """The shards drpipe recorded writing to ``url``: the state file's (written before each
+    upload), SHA256SUMS' and the finished output's info."""
+    found = set(old.get("shards") or [])
+    if SUMS in names:
+        try:
+            text = fs.cat_file(f"{url}/{SUMS}").decode("utf-8", "replace")
+        except (FileNotFoundError, OSError):
+            text = ""
+        found |= {line.split("  ", 1)[1] for line in text.splitlines() if "  " in line}
+    for name in (output_info.DRPIPE_INFO_FILE, job.INFO_FILE):
+        splits = _read_json(fs, f"{url}/{name}").get("splits") if name in names else None
+        for split in (splits.values() if isinstance(splits, dict) else []):
+            found |= {f.get("name") for f in split.get("shards", []) if isinstance(f, dict)}
+    return {n for n in found if isinstance(n, str) and n.endswith(".tfrecord")}
 
 
 def _objects(fs, url: str) -> dict[str, int]:
@@ -263,24 +289,28 @@ def _read_json(fs, path: str) -> dict:
         return {}
 
 
-def _clear(fs, url: str, names) -> None:
+def _clear(fs, url: str, names, recorded: set[str]) -> None:
     """Remove drpipe's own objects (a replaced run); never anything else."""
     for n in names:
-        if _ours(n) and n != LEASE:
+        if n in job.OWN_FILES or n == SUMS or n in recorded:
             fs.rm(f"{url}/{n}")
 
 
-def _upload(fs, local: Path, url: str, lease: Lease) -> None:
+def _upload(fs, local: Path, url: str, lease: Lease, state: dict, recorded: set[str]) -> None:
     shards = sorted(local.glob("*.tfrecord"))
+    planned = {p.name for p in shards}
+    # Every shard this output may hold is recorded before it is uploaded: a re-run after a
+    # kill knows them from foreign ones.
+    _write_state(fs, url, state, planned | recorded)
     remote = _objects(fs, url)
     for p in shards:
         if remote.get(p.name) != p.stat().st_size:
             lease.check()
             fs.put_file(str(p), f"{url}/{p.name}")  # whole, or not at all
-    planned = {p.name for p in shards}
     for n in remote:
-        if n.endswith(".tfrecord") and n not in planned:
+        if n in recorded and n not in planned:
             fs.rm(f"{url}/{n}")  # a shard of this output's earlier, interrupted plan
+    _write_state(fs, url, state, planned)
     sums = "".join(f"{file_sha256(p)}  {p.name}\n" for p in shards)
     fs.pipe_file(f"{url}/{SUMS}", sums.encode())
     # The manifest and the info files (TFDS's features.json, drpipe_info.json, ...), then

@@ -283,6 +283,23 @@ def test_foreign_objects_in_store_out_refused_and_kept(s3, raw_url):
                                                 "train-00000-of-00001.tfrecord": 12}
 
 
+def test_a_users_shard_in_a_store_output_is_refused_never_removed(s3, raw_url):
+    """A *.tfrecord the user put into a drpipe output in a store: refused (even with
+    --overwrite), kept; drpipe's own shards are those it recorded."""
+    url = "s3://bkt/theirs"
+    preprocess("--src", raw_url, "--out", url, *SETTINGS)
+    ours = {n for n in objects(s3, url) if n.endswith(".tfrecord")}
+    state = json.loads(s3.cat_file("bkt/theirs/.drpipe-state.json"))
+    assert set(state["shards"]) == ours and ours
+    s3.pipe_file("bkt/theirs/mine.tfrecord", b"my own records")
+    r = preprocess("--src", raw_url, "--out", url, *SETTINGS, "--overwrite", check=False)
+    assert r.returncode == 1 and "mine.tfrecord that no drpipe run recorded" in r.stderr, r.stderr
+    assert objects(s3, url)["mine.tfrecord"] == 14
+    s3.rm("bkt/theirs/mine.tfrecord")
+    preprocess("--src", raw_url, "--out", url, *SETTINGS, "--overwrite")  # ours: replaced
+    assert {n for n in objects(s3, url) if n.endswith(".tfrecord")} == ours
+
+
 def test_train_data_url_is_staged_or_refused_in_one_line(s3):
     r = subprocess.run([DRPIPE, "train", "--data", "s3://bkt/nothing-here"], capture_output=True,
                        text=True, timeout=120)
