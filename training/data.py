@@ -115,20 +115,22 @@ def image_decoder(stored: int, fmt: str, image_size: int):
     return decode
 
 
-def photo_input(proc: ProcessConfig, image_size: int):
+def photo_input(proc: ProcessConfig, image_size: int, with_quality: bool = False):
     """The function turning a photo file into the model's input as its training photos
     reached it: the same ``pipeline.process`` steps (``proc``, the run's recorded
     preprocessing), encoded as the records were, decoded by :func:`image_decoder`. It
-    returns float32 [S, S, 3] in 0..255, or the Rejection of a photo that cannot be
-    processed. ``drpipe predict`` and ``drpipe explain`` both use it."""
+    returns float32 [S, S, 3] in 0..255 (with ``with_quality``: and the photo's measured
+    pipeline.quality.Quality), or the Rejection of a photo that cannot be processed.
+    ``drpipe predict`` and ``drpipe explain`` both use it."""
     decode = image_decoder(proc.size, proc.format, image_size)
 
-    def to_input(path: str | Path) -> np.ndarray | Rejection:
+    def to_input(path: str | Path):
         data = read_photo(path)
         result = data if isinstance(data, Rejection) else prepare_or_reject(data, proc)
         if isinstance(result, Rejection):
             return result
-        return decode(tf.constant(encode(result.image, proc.format, proc.quality))).numpy()
+        x = decode(tf.constant(encode(result.image, proc.format, proc.quality))).numpy()
+        return (x, result.quality) if with_quality else x
     return to_input
 
 

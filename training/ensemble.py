@@ -19,6 +19,7 @@ methods
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -271,9 +272,14 @@ def predict_photos(ensemble_dir: str | Path, sources, progress=None):
                       for pm in per_member])
     out = {}
     for path, p, grade in zip(ok, combined, M.decide("grade", combined), strict=True):
-        out[path] = graded(Path(path), first[path].image_id, "grade", p, grade)
+        # the quality reported is the first member's measure (its run's preprocessing)
+        out[path] = dataclasses.replace(
+            graded(Path(path), first[path].image_id, "grade", p, grade),
+            quality_score=first[path].quality_score, quality=first[path].quality)
     for path, pred in first.items():
         if path not in out:
             bad = next(pm[path] for pm in per_member if pm[path].status != "ok")
-            out[path] = Prediction.rejected(Path(path), pred.image_id, bad.reason)
+            out[path] = dataclasses.replace(
+                Prediction.rejected(Path(path), pred.image_id, bad.reason),
+                quality_score=bad.quality_score, quality=bad.quality)
     return sorted(out.values(), key=lambda p: p.image_id)

@@ -12,6 +12,7 @@ training photos did: no train/serve skew.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import os
 from dataclasses import dataclass
@@ -40,21 +41,35 @@ class Prediction:
     probabilities: list[float] | None  # per grade (task grade)
     referable: float | None  # P(grade >= 2), or the referable model's output
     score: float | None  # regression output
+    # The photo's quality as preprocess records it (pipeline.quality), when it was measured
+    quality_score: float | None = None
+    quality: str = ""  # good | usable | reject
 
     @classmethod
-    def rejected(cls, path: Path, image_id: str, reason: str) -> Prediction:
-        return cls(image_id, str(path), "rejected", reason, None, None, None, None)
+    def rejected(cls, path: Path, image_id: str, reason: str, quality=None) -> Prediction:
+        return dataclasses.replace(cls(image_id, str(path), "rejected", reason, None, None,
+                                       None, None), **_quality_fields(quality))
 
 
-def graded(path: Path, image_id: str, task: str, y: np.ndarray, grade: int) -> Prediction:
-    """The prediction for one photo from the model's output ``y`` and its decided grade."""
+def _quality_fields(quality) -> dict:
+    if quality is None:
+        return {}
+    return {"quality_score": float(quality.score), "quality": quality.verdict}
+
+
+def graded(path: Path, image_id: str, task: str, y: np.ndarray, grade: int,
+           quality=None) -> Prediction:
+    """The prediction for one photo from the model's output ``y`` and its decided grade
+    (``quality``: the photo's pipeline.quality.Quality, reported beside it)."""
     if task == "grade":
         p = [float(v) for v in y]
-        return Prediction(image_id, str(path), "ok", "", int(grade), p,
+        pred = Prediction(image_id, str(path), "ok", "", int(grade), p,
                           float(sum(p[REFERABLE_MIN_GRADE:])), None)
-    if task == "referable":
-        return Prediction(image_id, str(path), "ok", "", None, None, float(y[0]), None)
-    return Prediction(image_id, str(path), "ok", "", int(grade), None, None, float(y[0]))
+    elif task == "referable":
+        pred = Prediction(image_id, str(path), "ok", "", None, None, float(y[0]), None)
+    else:
+        pred = Prediction(image_id, str(path), "ok", "", int(grade), None, None, float(y[0]))
+    return dataclasses.replace(pred, **_quality_fields(quality))
 
 
 def predict_photos(run: str | Path, sources, checkpoint: str = "final",
@@ -69,7 +84,8 @@ def predict_photos(run: str | Path, sources, checkpoint: str = "final",
 
     run = Path(run)
     cfg = runs.load_config(run)
-    to_input = photo_input(runs.process_config(run, cfg.data), cfg.image_size)  # as trained
+    to_input = photo_input(runs.process_config(run, cfg.data), cfg.image_size,  # as trained
+                           with_quality=True)
     if exported:
         model = runner(exported, threads=os.cpu_count() or 1)
     else:
@@ -80,22 +96,23 @@ def predict_photos(run: str | Path, sources, checkpoint: str = "final",
     cuts = runs.recorded_cuts(run) if cfg.task == "regression" else None
 
     out: list[Prediction] = []
-    pending: list[tuple[Path, np.ndarray]] = []
+    pending: list[tuple[Path, np.ndarray, object]] = []
 
     def flush():
         if not pending:
             return
-        y = np.asarray(model(np.stack([img for _, img in pending])), np.float32)
-        for (path, _), row, grade in zip(pending, y, decide(cfg.task, y, cuts), strict=True):
-            out.append(graded(path, path.stem, cfg.task, row, grade))
+        y = np.asarray(model(np.stack([img for _, img, _ in pending])), np.float32)
+        for (path, _, q), row, grade in zip(pending, y, decide(cfg.task, y, cuts),
+                                            strict=True):
+            out.append(graded(path, path.stem, cfg.task, row, grade, q))
         pending.clear()
 
     for path in expand_photo_paths(sources):
         result = to_input(path)
         if isinstance(result, Rejection):
-            out.append(Prediction.rejected(path, path.stem, str(result)))
+            out.append(Prediction.rejected(path, path.stem, str(result), result.quality))
         else:
-            pending.append((path, result))
+            pending.append((path, *result))
             if len(pending) == batch_size:
                 flush()
         if progress:
@@ -125,7 +142,8 @@ def check_predictor(run: str | Path, checkpoint: str = "final",
 
 
 PRED_HEADER = ["image_id", "path", "status", "reason", "grade",
-               *(f"p_grade{g}" for g in range(N_GRADES)), "p_referable", "score"]
+               *(f"p_grade{g}" for g in range(N_GRADES)), "p_referable", "score",
+               "quality_score", "quality"]
 
 
 def write_csv(preds: list[Prediction], path: str | Path) -> None:
@@ -139,5 +157,6 @@ def write_csv(preds: list[Prediction], path: str | Path) -> None:
         w.writerow([csv_cell(p.image_id), csv_cell(str(p.path)), p.status, csv_cell(p.reason),
                    "" if p.grade is None else p.grade, *probs,
                    "" if p.referable is None else f"{p.referable:.6f}",
-                   "" if p.score is None else f"{p.score:.6f}"])
+                   "" if p.score is None else f"{p.score:.6f}",
+                   "" if p.quality_score is None else f"{p.quality_score:.4f}", p.quality])
     atomic_write_bytes(Path(path), f.getvalue().encode("utf-8"))

@@ -54,6 +54,12 @@ def test_predict_matches_the_model_on_the_records(run):
         np.testing.assert_allclose(got, out, atol=1e-5)
         assert int(preds[image_id]["grade"]) == int(np.argmax(out))
         assert float(preds[image_id]["p_referable"]) == pytest.approx(out[2:].sum(), abs=1e-5)
+    # each photo's quality, as preprocess recorded it in the manifest
+    manifest = _rows(run / "shards/data_manifest.csv")
+    for image_id, p in preds.items():
+        assert float(p["quality_score"]) == pytest.approx(
+            float(manifest[image_id]["quality_score"]), abs=1e-4)
+        assert p["quality"] == manifest[image_id]["quality"] != ""
 
 
 def test_predict_on_the_real_sample_and_bad_files(run, sample_dir, tmp_path):

@@ -165,5 +165,7 @@ def test_predict_with_an_ensemble_reproduces_its_test_score(tuned, method, tmp_p
     got = [int(r["grade"]) for r in rows]
     assert quadratic_kappa(y, got) == pytest.approx(rep["ensemble"]["quadratic_kappa"],
                                                     abs=1e-9)
+    quality = {r["image_id"]: r["quality"] for r in manifest}
     for r in rows:
         assert sum(float(r[f"p_grade{g}"]) for g in range(5)) == pytest.approx(1, abs=1e-4)
+        assert r["quality"] == quality[r["image_id"]] != ""  # the members share one tune's data
