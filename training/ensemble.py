@@ -183,6 +183,15 @@ def load_members(runs: list[Path], data: str | None, split: str, val_split: str 
         if not R.same_photos(recs[0], rec):
             raise EnsembleError(f"{run} was trained on {d}, other photos or splits than "
                                 f"{runs[0]} ({datas[0]}): members must share their data")
+    # Members trained with --min-quality are scored as evaluate scores them: on the photos
+    # reaching it; members with different bars saw different photos and cannot line up.
+    bars = sorted({str(cfg.min_quality) for cfg in cfgs})
+    if len(bars) > 1:
+        raise EnsembleError("the members were trained at different --min-quality ("
+                            + ", ".join(f"{run}: {cfg.min_quality or 'all photos'}"
+                                        for run, cfg in zip(runs, cfgs, strict=True))
+                            + "): their photos differ")
+    min_score = cfgs[0].min_score()
     data = datas[0]
     val_split = val_split or cfgs[0].val_split
     counts = R.dataset_info(data)["counts"]
@@ -205,7 +214,8 @@ def load_members(runs: list[Path], data: str | None, split: str, val_split: str 
         model = keras.saving.load_model(R.model_path(run, checkpoint))
         out = {}
         for s in (val_split, split):
-            ds = make_dataset(member_data, s, image_size=cfg.image_size, batch_size=32)
+            ds = make_dataset(member_data, s, image_size=cfg.image_size, batch_size=32,
+                              min_quality=min_score)
             out[s] = model_outputs(model, ds, "grade")
         m = Member(run, *out[val_split], *out[split])
         m.val_metrics = M.grade_metrics(m.val_y.astype(int), m.val_p.argmax(axis=1))
@@ -215,7 +225,7 @@ def load_members(runs: list[Path], data: str | None, split: str, val_split: str 
         if not (np.array_equal(m.y, members[0].y) and np.array_equal(m.val_y, members[0].val_y)):
             raise EnsembleError(f"{m.run} and {members[0].run}: their shards do not hold the "
                                 f"same photos in the same order ({split}/{val_split})")
-    return members, data, val_split
+    return members, data, val_split, cfgs[0].min_quality
 
 
 def ensemble(runs: list[str | Path], method: str, data: str | None = None,
@@ -230,7 +240,8 @@ def ensemble(runs: list[str | Path], method: str, data: str | None = None,
         raise EnsembleError("an ensemble needs at least two runs")
     if len(set(r.resolve() for r in runs)) < len(runs):
         raise EnsembleError("a run is given twice")
-    members, data, val_split = load_members(runs, data, split, val_split, checkpoint, log)
+    members, data, val_split, min_quality = load_members(runs, data, split, val_split,
+                                                         checkpoint, log)
     fitted = fit(method, members)
     p = apply(method, fitted, [m.p for m in members])
     y = members[0].y.astype(int)
@@ -240,6 +251,7 @@ def ensemble(runs: list[str | Path], method: str, data: str | None = None,
     report = {
         "method": method, "split": split, "validation_split": val_split,
         "checkpoint": checkpoint, "data": str(Path(data).resolve()), "ensemble": result,
+        "min_quality": min_quality,
         "members": [{"run": str(m.run.resolve()),
                      **M.grade_metrics(y, m.p.argmax(axis=1)),
                      "val_quadratic_kappa": m.val_metrics["quadratic_kappa"],

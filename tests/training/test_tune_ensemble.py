@@ -9,6 +9,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.helpers import synth_shards
@@ -169,3 +170,28 @@ def test_predict_with_an_ensemble_reproduces_its_test_score(tuned, method, tmp_p
     for r in rows:
         assert sum(float(r[f"p_grade{g}"]) for g in range(5)) == pytest.approx(1, abs=1e-4)
         assert r["quality"] == quality[r["image_id"]] != ""  # the members share one tune's data
+
+
+@pytest.mark.slow  # three trainings
+def test_an_ensemble_of_min_quality_runs_is_scored_on_their_photos(tmp_path):
+    """Members trained with --min-quality are scored (as evaluate scores them) on the photos
+    reaching it; members trained at different bars are refused (their photos differ)."""
+    shards = synth_shards(tmp_path, 60, 8, 64, "train=0.5,val=0.25,test=0.25", "--workers", 1,
+                          run=drpipe)
+    common = ("--data", shards, "--model", "cnn-small", "--image-size", 32, "--epochs", 1,
+              "--batch-size", 8)
+    for name, extra in (("all", ()), ("q1", ("--min-quality", 0.48)),
+                        ("q2", ("--min-quality", 0.48, "--seed", 1))):
+        drpipe("train", *common, *extra, "--out", tmp_path / name)
+    r = drpipe("ensemble", tmp_path / "all", tmp_path / "q1", "--split", "test",
+               "--out", tmp_path / "mixed", check=False)
+    assert r.returncode == 1 and "different --min-quality" in r.stderr, r.stderr
+    assert not (tmp_path / "mixed").exists()
+    drpipe("ensemble", tmp_path / "q1", tmp_path / "q2", "--split", "test", "--out",
+           tmp_path / "ens")
+    rep = json.loads((tmp_path / "ens/ensemble.json").read_text())
+    manifest = list(csv.DictReader(open(shards / "data_manifest.csv", encoding="utf-8")))
+    test = [r for r in manifest if r["split"] == "test" and r["status"] == "ok"]
+    reach = [r for r in test if np.float32(r["quality_score"]) >= np.float32(0.48)]
+    assert 0 < len(reach) < len(test), "the bar should leave some test photos out"
+    assert rep["ensemble"]["n"] == len(reach) and rep["min_quality"] == "0.48"
