@@ -113,10 +113,12 @@ def _data_dir(ctx, param, value):
     if "://" not in str(value):
         return Path(value)
     from pipeline.job import JobError
-    from pipeline.remote_out import stage_shards
+    from pipeline.remote_out import NoShardsHere, stage_shards
 
     try:
         return stage_shards(str(value))
+    except NoShardsHere as e:
+        raise MissingInputError(str(e)) from None
     except JobError as e:
         raise DrpipeError(str(e)) from None
     except OSError as e:
@@ -863,6 +865,29 @@ def run() -> None:
             click.echo(f"drpipe: error: drpipe {command} needs the training stack (no module "
                        f"{e.name!r}): pip install 'drpipe[train]'", err=True)
             sys.exit(2)
+        store = _store_failure(e)
+        if store:
+            click.echo(f"drpipe: error: {store[0]}", err=True)
+            sys.exit(store[1])
         click.echo(f"drpipe: internal error: {type(e).__name__}: {e} "
                    "(set DRPIPE_DEBUG=1 for the traceback)", err=True)
         sys.exit(1)
+
+
+STORE_PACKAGES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "adlfs", "fsspec")
+
+
+def _store_failure(e: Exception) -> tuple[str, int] | None:
+    """A failure raised inside an object store's client (an endpoint that does not answer,
+    options it cannot take): one line and an exit code, else None."""
+    import traceback
+
+    frames = traceback.extract_tb(e.__traceback__)
+    if not (type(e).__module__.split(".")[0] in STORE_PACKAGES or any(
+            f"{os.sep}{p}{os.sep}" in f.filename for f in frames for p in STORE_PACKAGES)):
+        return None
+    what = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    if storage.OPTIONS and isinstance(e, (TypeError, AttributeError, ValueError, KeyError)):
+        return (f"the store does not accept these --storage-option values ({what})", 2)
+    return (f"the object store cannot be used ({what}); check the URL, the endpoint, "
+            "--storage-option and the credentials", 1)

@@ -201,25 +201,30 @@ class _Lock:
 
     def __enter__(self):
         self.created = not os.path.lexists(self.path)
-        self.f = open(self.path, "a+")
+        try:  # never through a symlink: the lock is written, and must be a file of --out
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            raise JobError(f"{self.path} is not drpipe's lock file (a link or not a file: "
+                           f"{e.strerror or e}); move it away or choose another --out") from None
+        self.f = os.fdopen(fd, "r+b")
         try:
             fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.f.seek(0)
-            holder = self.f.read().strip() or "?"
+            holder = self.f.read(32).decode("ascii", "replace").strip() or "?"
             self.f.close()
             raise LockHeld(f"another drpipe run is writing to {self.path.parent} "
                            f"(pid {holder}); wait for it or choose another --out") from None
         self.f.seek(0)
-        held = self.f.read().strip()
-        if held and not held.isdigit():  # drpipe writes a pid there, nothing else
+        held = self.f.read(64).strip()
+        if held and not (held.isascii() and held.isdigit()):  # drpipe writes a pid, only
             fcntl.flock(self.f, fcntl.LOCK_UN)
             self.f.close()
             raise JobError(f"{self.path} is not drpipe's lock file (it holds other text); "
                            "move it away or choose another --out")
         self.f.seek(0)
         self.f.truncate()
-        self.f.write(str(os.getpid()))
+        self.f.write(str(os.getpid()).encode())
         self.f.flush()
         return self
 
@@ -288,13 +293,15 @@ def other_run(where, old: dict, state: dict) -> JobError:
 
 
 def _is_history(path: Path) -> bool:
-    """True for a ``history.jsonl`` of drpipe's own lines (each a JSON run record)."""
-    if path.name != versions.HISTORY or not path.is_file():
+    """True for a ``history.jsonl`` of drpipe's own lines only (each a run record with all
+    of versions.HISTORY_KEYS); an empty one, or a link, is not known to be drpipe's."""
+    if path.name != versions.HISTORY or path.is_symlink() or not path.is_file():
         return False
     try:
         lines = path.read_text().splitlines()
-        return all(isinstance(r := json.loads(line), dict) and "exit_status" in r
-                   for line in lines)
+        return bool(lines) and all(
+            isinstance(r := json.loads(line), dict) and set(r) == versions.HISTORY_KEYS
+            and isinstance(r["exit_status"], int) for line in lines)
     except (OSError, ValueError):
         return False
 

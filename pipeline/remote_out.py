@@ -107,15 +107,19 @@ class Lease:
 
     def _holder(self) -> dict | None:
         try:
-            return json.loads(self.fs.cat_file(self.path))
+            got = json.loads(self.fs.cat_file(self.path))
         except FileNotFoundError:
             return None
         except ValueError:
             return {}
+        return got if isinstance(got, dict) else {}
 
     def __enter__(self):
         if not self._create():
             holder = self._holder()
+            if holder is not None and not {"host", "pid", "expires", "token"} <= set(holder):
+                raise JobError(f"{self.path} is not a drpipe lease (another tool's object "
+                               "of that name?); move it away or choose another --out")
             if holder is None or _stale(holder):
                 self.fs.rm(self.path)
                 if not self._create():
@@ -192,13 +196,6 @@ def _run_to_store(config, opts, progress_factory, url: str) -> dict:
         old = _read_json(fs, f"{url}/{job.STATE_FILE}") if job.STATE_FILE in names else None
         if old is not None:
             same = job.same_run(old, state)
-            if same and not opts.overwrite and job.INFO_FILE in names:
-                info = _read_json(fs, f"{url}/{job.INFO_FILE}")
-                if "drpipe_version" not in info:  # the TFDS file: drpipe's info is beside it
-                    info = _read_json(fs, f"{url}/{output_info.DRPIPE_INFO_FILE}")
-                return dict(info["summary"], already_complete=True)
-            if not same and not opts.overwrite:
-                raise job.other_run(url, old, state)
             recorded = _recorded(fs, url, names, old)
             stray = sorted(n for n in names if n.endswith(".tfrecord") and n not in recorded)
             if stray:  # as on a local --out: a shard no drpipe run recorded is not ours
@@ -206,6 +203,13 @@ def _run_to_store(config, opts, progress_factory, url: str) -> dict:
                     f" and {len(stray) - 1} more shard(s)" if len(stray) > 1 else "")
                     + " that no drpipe run recorded writing here; move them away or choose "
                     "another --out")
+            if same and not opts.overwrite and job.INFO_FILE in names:
+                info = _read_json(fs, f"{url}/{job.INFO_FILE}")
+                if "drpipe_version" not in info:  # the TFDS file: drpipe's info is beside it
+                    info = _read_json(fs, f"{url}/{output_info.DRPIPE_INFO_FILE}")
+                return dict(info["summary"], already_complete=True)
+            if not same and not opts.overwrite:
+                raise job.other_run(url, old, state)
             if not same or opts.overwrite:
                 _clear(fs, url, names, recorded)
                 recorded = set()
@@ -326,6 +330,10 @@ def _upload(fs, local: Path, url: str, lease: Lease, state: dict, recorded: set[
 # ---------------------------------------------------------------------------- train
 
 
+class NoShardsHere(JobError):
+    """A --data URL without a finished output: a missing input (exit 2), as a local one."""
+
+
 def stage_shards(url: str) -> Path:
     """Copy a finished output from a store to the local cache, each shard verified by size
     and SHA-256; shards already there and sound are kept. Returns the local folder."""
@@ -334,7 +342,7 @@ def stage_shards(url: str) -> Path:
     check_store(fs, url)
     names = _objects(fs, url)
     if "dataset_info.json" not in names:
-        raise JobError(f"{url}: no finished drpipe output here (no dataset_info.json)")
+        raise NoShardsHere(f"{url}: no finished drpipe output here (no dataset_info.json)")
     if SUMS not in names:
         raise JobError(f"{url}: no {SUMS} (written by drpipe preprocess --out URL); "
                        "cannot verify the shards")

@@ -152,11 +152,17 @@ def tfds_template(k: int) -> str:
     return f"{VERSIONS}/v{k:04d}/{{SPLIT}}-{{SHARD_X_OF_Y}}.{{FILEFORMAT}}"
 
 
+# The keys of every history.jsonl line drpipe writes (history_entry).
+HISTORY_KEYS = frozenset({"time", "exit_status", "version", "noop", "added", "changed",
+                          "removed", "rejected", "photos", "ok", "duration_s"})
+
+
 def append_history(out: str | Path, entry: dict) -> None:
     """One JSON line per run appended to ``out/history.jsonl`` (O_APPEND: whole lines)."""
     line = (json.dumps(entry, sort_keys=True) + "\n").encode()
     try:
-        fd = os.open(Path(out) / HISTORY, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(Path(out) / HISTORY,
+                     os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError:
         return
     try:

@@ -206,6 +206,40 @@ def test_a_lock_file_drpipe_did_not_write_is_kept(raw, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".drpipe.lock"]
 
 
+@pytest.mark.parametrize("kind", ["symlink", "dangling", "binary", "arabic_digits"])
+def test_a_lock_that_is_not_a_plain_pid_file_is_refused_and_kept(raw, tmp_path, kind):
+    out, mine = tmp_path / "out", tmp_path / "mine.txt"
+    out.mkdir()
+    lock = out / ".drpipe.lock"
+    if kind == "symlink":
+        mine.write_text("4242")
+        lock.symlink_to(mine)
+    elif kind == "dangling":
+        lock.symlink_to(mine)
+    else:
+        lock.write_bytes(b"\xff\xfe\x00binary" if kind == "binary"
+                         else "\u0661\u0662".encode())
+    before = lock.read_bytes() if kind in ("binary", "arabic_digits") else None
+    r = preprocess("--src", raw, "--out", out, "--limit", 4, check=False)
+    assert r.returncode == 1 and "not drpipe's lock file" in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1
+    if kind == "symlink":
+        assert mine.read_text() == "4242"
+    elif kind == "dangling":
+        assert not mine.exists()  # nothing written outside --out
+    else:
+        assert lock.read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == [".drpipe.lock"]
+
+
+@pytest.mark.parametrize("text", ["", '{"exit_status": "done", "job": "my cron log"}\n'])
+def test_a_users_history_jsonl_is_not_taken_for_drpipes(raw, tmp_path, text):
+    (tmp_path / "history.jsonl").write_text(text)
+    r = preprocess("--src", raw, "--out", tmp_path, "--limit", 4, check=False)
+    assert r.returncode == 1 and "not a drpipe output" in r.stderr, r.stderr
+    assert (tmp_path / "history.jsonl").read_text() == text
+
+
 def test_strict_fails_on_rejections(raw, tmp_path):
     r = preprocess("--src", raw, "--out", tmp_path, "--strict", "--workers", 1, check=False)
     assert r.returncode == 1

@@ -300,10 +300,23 @@ def test_a_users_shard_in_a_store_output_is_refused_never_removed(s3, raw_url):
     assert {n for n in objects(s3, url) if n.endswith(".tfrecord")} == ours
 
 
+def test_a_users_lease_object_and_a_stray_shard_beside_a_finished_output(s3, raw_url):
+    s3.pipe_file("bkt/lease/.drpipe.lease", b"my own lease notes")
+    r = preprocess("--src", raw_url, "--out", "s3://bkt/lease", *SETTINGS, check=False)
+    assert r.returncode == 1 and "is not a drpipe lease" in r.stderr, r.stderr
+    assert objects(s3, "s3://bkt/lease") == {".drpipe.lease": 18}
+    url = "s3://bkt/done"
+    preprocess("--src", raw_url, "--out", url, *SETTINGS)
+    s3.pipe_file("bkt/done/mine.tfrecord", b"mine")
+    r = preprocess("--src", raw_url, "--out", url, *SETTINGS, check=False)  # as a local --out
+    assert r.returncode == 1 and "mine.tfrecord that no drpipe run recorded" in r.stderr
+    assert objects(s3, url)["mine.tfrecord"] == 4
+
+
 def test_train_data_url_is_staged_or_refused_in_one_line(s3):
     r = subprocess.run([DRPIPE, "train", "--data", "s3://bkt/nothing-here"], capture_output=True,
                        text=True, timeout=120)
-    assert r.returncode == 1 and r.stderr.count("\n") == 1
+    assert r.returncode == 2 and r.stderr.count("\n") == 1  # as a local --data without shards
     assert "s3://bkt/nothing-here: no finished drpipe output here" in r.stderr
 
 
@@ -331,7 +344,14 @@ def test_storage_options_reach_data_urls(s3, raw_url, tmp_path):
                        capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, DRPIPE_CACHE=str(tmp_path / "cache")))
     assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
-    assert "Traceback" not in r.stderr and not (tmp_path / "r.html").exists()
+    assert r.stderr.startswith("drpipe: error: the object store cannot be used"), r.stderr
+    assert not (tmp_path / "r.html").exists()
+    r = subprocess.run([DRPIPE, "report", "--data", url, "--out", str(tmp_path / "r.html"),
+                        "--storage-option", "client_kwargs={bad json"],
+                       capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, DRPIPE_CACHE=str(tmp_path / "cache2")))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "does not accept these --storage-option values" in r.stderr
     for command in ("train", "evaluate", "ensemble", "tune"):
         help_text = subprocess.run([DRPIPE, command, "--help"], capture_output=True, text=True,
                                    timeout=120).stdout
