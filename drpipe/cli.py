@@ -5,6 +5,8 @@ Exit codes (documented in README.md):
   1  the run failed: a one-line reason on stderr
   2  usage error: a bad option, a missing input, the training stack not installed
   3  bad input data: a labels file or source layout that cannot be used as it is
+  75 skipped: another run holds the output's lock (EX_TEMPFAIL; a scheduler retries later)
+  130 interrupted (Ctrl-C), in any command: one line; the same command continues
 """
 
 # Imports inside functions are only those that would slow every start (``drpipe --help``
@@ -136,7 +138,21 @@ def _quality_spec(ctx, param, value):
     return str(value).strip().lower()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Commands(click.Group):
+    """drpipe's group: Ctrl-C in any command is one line and exit 130 (click's own handler
+    says "Aborted!" and exits 1). preprocess and train say more: how they resume."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            command = ctx.invoked_subcommand or "the command"
+            raise Interrupted(f"interrupted; nothing half-written is kept: run drpipe {command} "
+                              "again (work that finished is kept)") from None
+
+
+@click.group(cls=_Commands,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="drpipe")
 def main():
     """drpipe: retinal fundus photographs to clean, reproducible, sharded TensorFlow datasets.
@@ -156,7 +172,8 @@ def main():
 
     Exit codes: 0 done (rejected photos are listed, not failures), 1 the run failed,
     2 usage error (or an --out drpipe may not write over), 3 bad input data (labels, source
-    layout), 130 interrupted (Ctrl-C; re-run to resume).
+    layout), 75 skipped (another run holds --out's lock; retry later), 130 interrupted
+    (Ctrl-C; re-run to resume).
 
     TensorFlow's start-up logging (absl, oneDNN, CUDA probes) is hidden; DRPIPE_TF_LOGS=1
     shows it.

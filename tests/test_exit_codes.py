@@ -4,14 +4,20 @@ exactly the split `preprocess` writes (Kaggle train/ + test/, and with --limit).
 from __future__ import annotations
 
 import csv
+import fcntl
+import os
 import re
 import shutil
+import signal
+import subprocess
+import time
 
 import pytest
 
 from pipeline.synth import synth_dataset
 from tests.conftest import ROOT
 from tests.reliability.helpers import drpipe, no_traceback
+from tests.test_cli import DRPIPE
 
 SMALL = ("--size", "64", "--workers", "1", "--quiet")
 
@@ -19,7 +25,7 @@ SMALL = ("--size", "64", "--workers", "1", "--quiet")
 def _documented_codes() -> set[int]:
     readme = (ROOT / "README.md").read_text()
     table = readme.split("### Exit codes", 1)[1].split("###", 1)[0]
-    return {int(m) for m in re.findall(r"^\| (\d) \|", table, re.M)}
+    return {int(m) for m in re.findall(r"^\| (\d+) \|", table, re.M)}
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +71,31 @@ def test_every_documented_exit_code(raw, tmp_path):
     assert f"{bad}: line 2" in r.stderr
     (tmp_path / "layout").mkdir()
     run(3, "preprocess", "--src", tmp_path / "layout", "--out", tmp_path / "o3", *SMALL)
-    assert set(seen) == _documented_codes() == {0, 1, 2, 3}
+    # 75: another run holds the output's lock
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    with open(busy / ".drpipe.lock", "w") as lock:
+        lock.write(str(os.getpid()))
+        lock.flush()
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        r = run(75, "preprocess", "--src", raw, "--out", busy, *SMALL)
+    assert "another drpipe run" in r.stderr
+    # 130: Ctrl-C (SIGINT to the foreground process group) in a command of no special
+    # handling of its own: one line, no "Aborted!", and the same command then goes on
+    p = subprocess.Popen([DRPIPE, "synth", "--out", str(tmp_path / "sy"), "--n", "4000",
+                          "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    deadline = time.time() + 60
+    while not list((tmp_path / "sy").glob("train/*.jpeg")) and time.time() < deadline:
+        time.sleep(0.01)
+    os.killpg(p.pid, signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert err.splitlines() == [err.strip()] and "interrupted" in err and "run drpipe synth" in err
+    assert "Aborted!" not in err and "Traceback" not in err
+    seen[130] = ["synth"]
+    run(0, "synth", "--out", tmp_path / "sy", "--n", "4", "--quiet")
+    assert set(seen) == _documented_codes() == {0, 1, 2, 3, 75, 130}
 
 
 def _kaggle_with_test(raw, tmp_path):

@@ -26,6 +26,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -151,6 +152,8 @@ def run_point(point: Point, log_path: Path) -> None:
         log.write("+ " + shlex.join(cmd) + "\n")
         log.flush()
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    if rc in (130, -signal.SIGINT):  # the point was interrupted (Ctrl-C): so is the tuning
+        raise KeyboardInterrupt
     collect(point)
     if point.status != "done":
         point.status = "failed"

@@ -195,3 +195,27 @@ def test_an_ensemble_of_min_quality_runs_is_scored_on_their_photos(tmp_path):
     reach = [r for r in test if np.float32(r["quality_score"]) >= np.float32(0.48)]
     assert 0 < len(reach) < len(test), "the bar should leave some test photos out"
     assert rep["ensemble"]["n"] == len(reach) and rep["min_quality"] == "0.48"
+
+
+@pytest.mark.parametrize("code", [130, -2])
+def test_a_point_interrupted_stops_the_tuning(tmp_path, monkeypatch, code):
+    """Ctrl-C reaches the point's training process too: its exit 130 (or death by SIGINT)
+    interrupts the tuning (drpipe tune exits 130) rather than being taken for a failed point
+    and going on to the next; the point stays pending, so the same command resumes it."""
+    import sys
+
+    from training import tune
+
+    kill = "import sys; sys.exit(130)" if code == 130 else (
+        "import os, signal; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+        "os.kill(os.getpid(), signal.SIGINT)")
+    monkeypatch.setattr(tune, "_training", lambda: [sys.executable, "-c", kill])
+    point = tune.Point({"lr": "0.1"}, tmp_path / "p", options={"lr": 0.1})
+    with pytest.raises(KeyboardInterrupt):
+        tune.run_point(point, tmp_path / "p.log")
+    assert point.status == "pending"
+    # a point that fails for another reason is a failed point, and the tuning goes on
+    monkeypatch.setattr(tune, "_training",
+                        lambda: [sys.executable, "-c", "print('drpipe: error: boom'); exit(1)"])
+    tune.run_point(point, tmp_path / "p.log")
+    assert point.status == "failed" and point.error == "error: boom"
