@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import split_quota
 from pipeline.outputs import csv_cell
 from pipeline.sources import LabelError, LabelRow, read_labels
 from tfrecord_writer.schema import N_GRADES
@@ -69,7 +70,8 @@ def parse_split_spec(spec: str) -> dict[str, float]:
 
 
 def assign_splits(rows: Iterable[tuple[str, str, int]], ratios: dict[str, float],
-                  seed: int = 0, keep: dict[str, str] | None = None) -> dict[str, str]:
+                  seed: int = 0, keep: dict[str, str] | None = None,
+                  quota: str | None = None) -> dict[str, str]:
     """Assign each image to a split, whole patients at a time, stratified by grade.
 
     Args:
@@ -78,6 +80,10 @@ def assign_splits(rows: Iterable[tuple[str, str, int]], ratios: dict[str, float]
       seed: the same rows, ratios and seed always give the same assignment.
       keep: {patient_id: split} of an earlier version: these patients stay where they are
         (their counts start the greedy); only the others are assigned (incremental runs).
+      quota: None (the greedy alone), or "floor": every split but the first gets exactly
+        floor(fraction x n) photos of each grade, the first the rest, by moving whole
+        patients after the greedy (:mod:`pipeline.split_quota`; kept patients never move).
+        Raises split_quota.QuotaError when no such split is found.
     Returns:
       {image_id: split name}.
     """
@@ -129,6 +135,8 @@ def assign_splits(rows: Iterable[tuple[str, str, int]], ratios: dict[str, float]
             choice[i] = s
             current[s] += c
             size[s] += c.sum()
+    if quota is not None:
+        choice = split_quota.repair(counts, choice, fixed, order, frac, names, quota)
     return {image_id: names[choice[i]] for i, p in enumerate(pids)
             for image_id, _ in patients[p]}
 
