@@ -205,12 +205,12 @@ def _is_plan(path: Path) -> bool:
 
 def plan_split(labels: Iterable[Path], ratios: dict[str, float], seed: int, out: Path,
                id_col: str = "image", label_col: str = "level", patient_col: str | None = None,
-               previous: Path | None = None) -> SplitPlan:
+               previous: Path | None = None, quota: str | None = None) -> SplitPlan:
     """``drpipe split``: assign the photos of ``labels`` (one or more CSVs) to splits and
     write the plan to ``out`` (CSV: image, patient_id, eye, label, split). With ``previous``
-    (an earlier plan) its patients keep their split.
+    (an earlier plan) its patients keep their split. ``quota``: as :func:`assign_splits`.
 
-    Raises LabelError (bad labels or previous plan), NotAPlan (``out`` is a file no plan
+    Raises LabelError (bad labels or previous plan; QuotaError), NotAPlan (``out`` is a file no plan
     wrote, or one of the labels), ValueError (``ratios`` cannot be met), PlanWriteError."""
     labels = [Path(p) for p in labels]
     rows = [r for path in labels for r in read_labels(path, id_col, label_col, patient_col)]
@@ -221,7 +221,7 @@ def plan_split(labels: Iterable[Path], ratios: dict[str, float], seed: int, out:
         raise NotAPlan(f"{out} exists and is not a drpipe split plan; choose another --out")
     keep = read_plan(previous) if previous is not None else None
     assignment = assign_splits([(r.image_id, r.patient_id, r.label) for r in rows], ratios,
-                               seed, keep=keep)
+                               seed, keep=keep, quota=quota)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(PLAN_HEADER)

@@ -186,6 +186,10 @@ def _exact_search(types, room, prefer):
     return out
 
 
+def _photos(n) -> str:
+    return f"{n} photo" + ("" if n == 1 else "s")
+
+
 def _refuse(dev, q, frac, totals, names, proved: bool):
     """QuotaError naming the (split, grade) furthest from its quota."""
     later = np.abs(dev[1:]).max() if len(names) > 1 else 0
@@ -195,6 +199,6 @@ def _refuse(dev, q, frac, totals, names, proved: bool):
     rule = (f"floor({frac[s]:g} x {totals[g]})" if s else "the rest after the other splits")
     how = "no patient-safe split gives" if proved else "found no patient-safe split with"
     raise QuotaError(
-        f"--split-quota floor: {how} {names[s]} exactly {q[s, g]} photos of grade {g} "
+        f"--split-quota floor: {how} {names[s]} exactly {_photos(q[s, g])} of grade {g} "
         f"({rule}); the closest found has {q[s, g] + off}, {abs(off)} "
         f"{'over' if off > 0 else 'under'} (both eyes of a patient are in one split)")
