@@ -6,7 +6,9 @@ patients are assigned whole, greedily, each to the split where it keeps the grad
 closest to their targets (chi-square) — rarest grades first, so the small classes are spread
 before the large ones fill the room — which keeps every split's grade mix within a
 fraction of a percent of the whole on Kaggle-sized data, and within a photo or two on tiny
-data.
+data. With ``quota="floor"`` (``--split-quota floor``) whole patients are then moved until
+every split but the first holds exactly floor(fraction x n) photos of each grade
+(:mod:`pipeline.split_quota`).
 
     assign_splits(rows, {"train": 0.8, "val": 0.1, "test": 0.1}, seed=0) -> {image_id: split}
 
