@@ -162,3 +162,20 @@ def test_preprocess_quota_exact_and_a_changed_quota_refused(tmp_path, sample_dir
                "--split", "train=0.8,val=0.1,test=0.1", "--split-quota", "floor")
     assert r.returncode == 3 and "--split-quota floor: no patient-safe split" in r.stderr
     assert not (other / ".drpipe-state.json").exists()
+
+
+def test_split_cli_previous_with_quota(tmp_path, labels_csv):
+    """drpipe split --previous --split-quota floor: every earlier patient keeps its split and
+    the grown set's validation split is exact."""
+    lines = labels_csv.read_text().splitlines()
+    half = tmp_path / "half.csv"
+    half.write_text("\n".join(lines[:18001]) + "\n")
+    common = ["--split", "train=0.9,val=0.1", "--seed", "4", "--split-quota", "floor"]
+    drpipe("split", "--labels", half, *common, "--out", tmp_path / "old.csv", check=True)
+    r = drpipe("split", "--labels", labels_csv, *common, "--previous", tmp_path / "old.csv",
+               "--out", tmp_path / "new.csv", check=True)
+    assert "val:   3510 photos, grades 0-4: 2580 / 244 / 529 / 87 / 70" in r.stdout
+    old = {row["patient_id"]: row["split"] for row in csv.DictReader(open(tmp_path / "old.csv"))}
+    new = list(csv.DictReader(open(tmp_path / "new.csv")))
+    assert len(old) > 8000 and all(old.get(r["patient_id"], r["split"]) == r["split"]
+                                   for r in new)
