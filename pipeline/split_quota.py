@@ -14,9 +14,10 @@ together) between splits until every (split, grade) count is its quota:
    three splits), that lowers the total deviation sum |count - quota| the most, until it
    is 0. The patient moved is the one of its type and split placed last by the seeded
    greedy, so the result is deterministic for a seed.
-2. If that stalls and the quotas are small (tiny data sets), an exact search over how
-   many patients of each type each split holds: it finds an exact split when there is
-   one, or proves there is none.
+2. If that stalls: a divisor check (every patient has 0 or 2 photos of grade 0, a split
+   needs an odd number: impossible at any size), then, where the quotas are small (tiny
+   data sets), an exact search over how many patients of each type each split holds: it
+   finds an exact split when there is one, or proves there is none.
 
 Patients kept by an earlier version (``fixed``) are never moved. When no exact split is
 found, :class:`QuotaError` names the split and grade that is furthest off.
@@ -33,6 +34,7 @@ from pipeline.sources import LabelError
 
 QUOTAS = ("floor",)
 _EXACT_MAX_STATES = 50_000  # the exact search gives up beyond this many count states
+_EXACT_MAX_WORK = 1_000_000  # ... or this many (state, share) pairs in one step (seconds)
 _COMBOS_MAX = 300_000  # the local search tries combinations of up to this many moves
 
 
@@ -75,7 +77,8 @@ def repair(counts: np.ndarray, choice: np.ndarray, fixed: np.ndarray, order: np.
 
     target, dev = _aggregate_search(types, avail, current - q)
     if np.abs(dev).sum():
-        exact = _exact_search(types, q - (current - avail @ types), avail)
+        room = q - (current - avail @ types)  # the quotas less what kept patients hold
+        exact = False if _divisor_bars(types, avail, room) else _exact_search(types, room, avail)
         if exact is None or exact is False:
             _refuse(dev, q, frac, counts.sum(axis=0), names, proved=exact is False)
         target = exact
@@ -140,11 +143,22 @@ def _aggregate_search(types, avail, dev, max_steps: int = 10_000):
     return avail, dev
 
 
+def _divisor_bars(types, avail, room) -> bool:
+    """True if some split's room for a grade is no multiple of what every movable patient
+    holds of that grade (say, every patient has 0 or 2 photos of grade 0 and a split needs
+    an odd number): then no split meets the quotas, however large the data."""
+    for g in range(types.shape[1]):
+        d = math.gcd(*(int(c) for c in types[avail.sum(axis=0) > 0, g]))
+        if (d == 0 and room[:, g].any()) or (d > 1 and (room[:, g] % d).any()):
+            return True
+    return False
+
+
 def _exact_search(types, room, prefer):
     """How many movable patients of each type each split gets so that every split but the
     first receives exactly ``room`` (split x grade: quota less what unmovable patients
     hold). Returns the split x type counts, False when there is none (proved), or None
-    when the search grows too large (more than _EXACT_MAX_STATES states in a step)."""
+    when the search grows too large (_EXACT_MAX_STATES, _EXACT_MAX_WORK)."""
     n_splits, n_types = prefer.shape
     if (room < 0).any():
         return False
@@ -161,6 +175,8 @@ def _exact_search(types, room, prefer):
             return None
         ways = [w for w in itertools.product(*(range(m + 1) for m in most))
                 if sum(w) <= total[t]]
+        if len(layers[-1]) * len(ways) > _EXACT_MAX_WORK:
+            return None
         ways.sort(key=lambda w: (sum(abs(x - p) for x, p in zip(w, prefer[1:, t], strict=True)), w))
         nxt: dict = {}
         for state in layers[-1]:

@@ -134,6 +134,16 @@ def test_unreachable_quota_refused_in_one_line(tmp_path):
     assert r.returncode == 0, r.stderr
 
 
+def test_parity_refused_at_scale():
+    """10,010 photos, both eyes of every patient of one grade: val's floor(0.1 x 4290) = 429
+    photos of grade 0 cannot be whole patients; refused as impossible, in well under a second."""
+    rows = [(f"{p}_{e}", str(p), [0, 0, 0, 1, 2, 3, 4][p % 7]) for p in range(5005)
+            for e in ("left", "right")]
+    with pytest.raises(QuotaError, match=r"no patient-safe split gives val exactly 429 photos "
+                       r"of grade 0 \(floor\(0.1 x 4290\)\); the closest found has 430, 1 over"):
+        assign_splits(rows, {"train": 0.9, "val": 0.1}, 0, quota="floor")
+
+
 def test_split_cli_prints_the_pisa_counts(tmp_path, labels_csv, kaggle_rows):
     out = tmp_path / "paper-split.csv"
     r = drpipe("split", "--labels", labels_csv, "--split", "train=0.9,val=0.1", "--seed", "0",
