@@ -47,6 +47,12 @@ from reporting.report import NoShards, ReportError, make_report
 from tfrecord_writer.info import has_info
 from training.tflogs import install as quiet_tf_logs
 
+SPLIT_QUOTA_HELP = ("none: the stratified split alone (each split within a photo or two of "
+                    "its share of each grade); floor: every split but the first gets exactly "
+                    "floor(fraction x n) photos of each grade (n: the grade's photos), the "
+                    "first the rest, by moving whole patients after the stratified split; "
+                    "exit 3 when no patient-safe split meets that (the split and grade named).")
+
 
 class DrpipeError(click.ClickException):
     """A user-facing failure: printed as one line, exit code 1, no traceback."""
@@ -290,6 +296,8 @@ def preview(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_megap
               help="Split names and fractions; patients are never divided between splits.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the split and of the record order in shards.")
+@click.option("--split-quota", type=click.Choice(["none", "floor"]), default="none",
+              show_default=True, help=SPLIT_QUOTA_HELP)
 @click.option("--shard-size", type=click.FloatRange(0.01), default=128.0, show_default=True,
               help="Target shard size in MB.")
 @click.option("--workers", type=click.IntRange(1), default=None,
@@ -328,7 +336,7 @@ def preview(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_megap
 def preprocess(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_megapixels,
                min_side, fmt, split_spec, seed, shard_size, workers, scheduler, source_kind,
                labels, id_col, label_col, patient_col, limit, strict, min_quality, overwrite,
-               quiet, summary_json, storage_options, max_file_mb, follow_links):
+               quiet, summary_json, storage_options, max_file_mb, follow_links, split_quota):
     """Verify, crop, resize and filter every photo in parallel on Dask, split patients
     safely, and write sharded TFRecords with a manifest that accounts for every photo.
 
@@ -367,7 +375,8 @@ def preprocess(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_me
                     split=ratios, seed=seed, shard_size_mb=shard_size,
                     source_kind=source_kind, labels=str(labels) if labels else None,
                     id_col=id_col, label_col=label_col, patient_col=patient_col, limit=limit,
-                    follow_links=follow_links)
+                    follow_links=follow_links,
+                    split_quota=None if split_quota == "none" else split_quota)
     opts = RunOptions(workers=workers, scheduler=scheduler, strict=strict,
                       overwrite=overwrite, quiet=quiet)
     terminal = sys.stdout.isatty()  # a scheduler's log: no bar, a one-line summary
@@ -406,12 +415,15 @@ def preprocess(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_me
 @click.option("--split", "split_spec", default="train=0.8,val=0.1,test=0.1", show_default=True,
               help="Split names and fractions.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed.")
+@click.option("--split-quota", type=click.Choice(["none", "floor"]), default="none",
+              show_default=True, help=SPLIT_QUOTA_HELP)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="CSV to write: image, patient_id, eye, label, split.")
 @click.option("--previous", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, help="An earlier plan (drpipe split --out): its patients keep "
                                  "their split; only new patients are assigned.")
-def split(labels, id_col, label_col, patient_col, split_spec, seed, out, previous):
+def split(labels, id_col, label_col, patient_col, split_spec, seed, out, previous,
+          split_quota):
     """Plan a patient-safe stratified split from a labels file alone (no photos needed).
 
     Uses the same code as preprocess: with the same labels, --split and --seed, the
@@ -421,7 +433,8 @@ def split(labels, id_col, label_col, patient_col, split_spec, seed, out, previou
     """
     ratios = split_ratios(split_spec)
     try:
-        plan = plan_split(labels, ratios, seed, out, id_col, label_col, patient_col, previous)
+        plan = plan_split(labels, ratios, seed, out, id_col, label_col, patient_col, previous,
+                          None if split_quota == "none" else split_quota)
     except LabelError as e:
         raise InputDataError(str(e)) from None
     except NotAPlan as e:

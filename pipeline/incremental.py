@@ -23,6 +23,7 @@ from pathlib import Path
 
 from pipeline import job, manifest, versions
 from pipeline.split import assign_splits
+from pipeline.split_quota import QuotaError
 from tfrecord_writer import info as output_info
 from tfrecord_writer.files import remove_temporaries
 
@@ -87,7 +88,10 @@ def run_incremental(config, opts, progress_factory, out: Path, source, photos, m
     split_rows += [(r.image_id, r.patient_id, r.label) for r in missing]
     try:
         splits = assign_splits(split_rows, config.split, config.seed,
-                               keep=versions.patient_splits(prev_rows))
+                               keep=versions.patient_splits(prev_rows),
+                               quota=config.split_quota)
+    except QuotaError:  # bad input data (exit 3), as in a full run
+        raise
     except ValueError as e:
         raise job.JobError(f"{out}: {e}") from None
 

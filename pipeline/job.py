@@ -91,6 +91,7 @@ class JobConfig:
     patient_col: str | None = None
     limit: int | None = None
     follow_links: bool = False  # read symlinks that lead outside src (else outside_source)
+    split_quota: str | None = None  # "floor": exact per-grade quotas (pipeline.split_quota)
 
     def output_config(self) -> dict:
         """The configuration as stored with the data (paths made absolute)."""
@@ -98,6 +99,8 @@ class JobConfig:
         d["src"] = _absolute(self.src)
         d["labels"] = _absolute(self.labels) if self.labels else None
         del d["out"]
+        if d["split_quota"] is None:  # absent unless given: earlier outputs keep their hash
+            del d["split_quota"]
         return d
 
     def hash(self) -> str:
@@ -520,18 +523,12 @@ def _run(config: JobConfig, opts: RunOptions, progress_factory) -> dict:
 
             return run_incremental(config, opts, progress_factory, out, source, photos,
                                    missing, state, old, t0)
+        # Exact quotas that cannot be met are refused before --out holds this run's state.
+        quota_splits = _label_splits(source, config) if config.split_quota else None
         if _prepare_out(out, state, opts.overwrite):
             info = output_info.load_info(out)
             return dict(info["summary"], already_complete=True)
-
-        # Splits come from the labels alone (drpipe split gives the same), never from
-        # which photos happened to decode.
-        # All of them, --limit or not (a trial gets the full run's split), an id shared by
-        # several files once.
-        split_rows = list({p.image_id: (p.image_id, p.patient_id, p.label)
-                           for p in source.photos if p.label is not None}.values())
-        split_rows += [(r.image_id, r.patient_id, r.label) for r in source.labels_without_photo]
-        splits = assign_splits(split_rows, config.split, config.seed)
+        splits = quota_splits if quota_splits is not None else _label_splits(source, config)
 
         staging = out / STAGING
         staging.mkdir(exist_ok=True)
@@ -587,6 +584,17 @@ def _read_batches(staging: Path, n: int) -> tuple[list[dict], float, bool]:
             row["_batch"] = k
             rows.append(row)
     return rows, peak_rss, tf_loaded
+
+
+def _label_splits(source, config: JobConfig) -> dict[str, str]:
+    # Splits come from the labels alone (drpipe split gives the same), never from
+    # which photos happened to decode.
+    # All of them, --limit or not (a trial gets the full run's split), an id shared by
+    # several files once.
+    split_rows = list({p.image_id: (p.image_id, p.patient_id, p.label)
+                       for p in source.photos if p.label is not None}.values())
+    split_rows += [(r.image_id, r.patient_id, r.label) for r in source.labels_without_photo]
+    return assign_splits(split_rows, config.split, config.seed, quota=config.split_quota)
 
 
 def _missing_rows(missing, splits: dict) -> list[dict]:

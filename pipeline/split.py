@@ -6,7 +6,9 @@ patients are assigned whole, greedily, each to the split where it keeps the grad
 closest to their targets (chi-square) — rarest grades first, so the small classes are spread
 before the large ones fill the room — which keeps every split's grade mix within a
 fraction of a percent of the whole on Kaggle-sized data, and within a photo or two on tiny
-data.
+data. With ``quota="floor"`` (``--split-quota floor``) whole patients are then moved until
+every split but the first holds exactly floor(fraction x n) photos of each grade
+(:mod:`pipeline.split_quota`).
 
     assign_splits(rows, {"train": 0.8, "val": 0.1, "test": 0.1}, seed=0) -> {image_id: split}
 
@@ -27,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import split_quota
 from pipeline.outputs import csv_cell
 from pipeline.sources import LabelError, LabelRow, read_labels
 from tfrecord_writer.schema import N_GRADES
@@ -69,7 +72,8 @@ def parse_split_spec(spec: str) -> dict[str, float]:
 
 
 def assign_splits(rows: Iterable[tuple[str, str, int]], ratios: dict[str, float],
-                  seed: int = 0, keep: dict[str, str] | None = None) -> dict[str, str]:
+                  seed: int = 0, keep: dict[str, str] | None = None,
+                  quota: str | None = None) -> dict[str, str]:
     """Assign each image to a split, whole patients at a time, stratified by grade.
 
     Args:
@@ -78,6 +82,10 @@ def assign_splits(rows: Iterable[tuple[str, str, int]], ratios: dict[str, float]
       seed: the same rows, ratios and seed always give the same assignment.
       keep: {patient_id: split} of an earlier version: these patients stay where they are
         (their counts start the greedy); only the others are assigned (incremental runs).
+      quota: None (the greedy alone), or "floor": every split but the first gets exactly
+        floor(fraction x n) photos of each grade, the first the rest, by moving whole
+        patients after the greedy (:mod:`pipeline.split_quota`; kept patients never move).
+        Raises split_quota.QuotaError when no such split is found.
     Returns:
       {image_id: split name}.
     """
@@ -129,6 +137,8 @@ def assign_splits(rows: Iterable[tuple[str, str, int]], ratios: dict[str, float]
             choice[i] = s
             current[s] += c
             size[s] += c.sum()
+    if quota is not None:
+        choice = split_quota.repair(counts, choice, fixed, order, frac, names, quota)
     return {image_id: names[choice[i]] for i, p in enumerate(pids)
             for image_id, _ in patients[p]}
 
@@ -197,12 +207,12 @@ def _is_plan(path: Path) -> bool:
 
 def plan_split(labels: Iterable[Path], ratios: dict[str, float], seed: int, out: Path,
                id_col: str = "image", label_col: str = "level", patient_col: str | None = None,
-               previous: Path | None = None) -> SplitPlan:
+               previous: Path | None = None, quota: str | None = None) -> SplitPlan:
     """``drpipe split``: assign the photos of ``labels`` (one or more CSVs) to splits and
     write the plan to ``out`` (CSV: image, patient_id, eye, label, split). With ``previous``
-    (an earlier plan) its patients keep their split.
+    (an earlier plan) its patients keep their split. ``quota``: as :func:`assign_splits`.
 
-    Raises LabelError (bad labels or previous plan), NotAPlan (``out`` is a file no plan
+    Raises LabelError (bad labels or previous plan; QuotaError), NotAPlan (``out`` is a file no plan
     wrote, or one of the labels), ValueError (``ratios`` cannot be met), PlanWriteError."""
     labels = [Path(p) for p in labels]
     rows = [r for path in labels for r in read_labels(path, id_col, label_col, patient_col)]
@@ -213,7 +223,7 @@ def plan_split(labels: Iterable[Path], ratios: dict[str, float], seed: int, out:
         raise NotAPlan(f"{out} exists and is not a drpipe split plan; choose another --out")
     keep = read_plan(previous) if previous is not None else None
     assignment = assign_splits([(r.image_id, r.patient_id, r.label) for r in rows], ratios,
-                               seed, keep=keep)
+                               seed, keep=keep, quota=quota)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(PLAN_HEADER)
