@@ -282,3 +282,42 @@ def test_in_process_and_dask_give_the_same_bytes(sample_dir, tmp_path):
     assert len(shard_digests(outs[0])) > 3
     a, b = ((o / "data_manifest.csv").read_bytes() for o in outs)
     assert a == b
+
+
+def test_off_a_terminal_one_summary_line_and_no_progress_bar(tmp_path):
+    """stdout a pipe (cron, systemd): stdout is exactly the one-line summary with the run's
+    counts, and neither stream carries a progress bar."""
+    import re
+
+    from pipeline.synth import synth_dataset
+
+    src, out = tmp_path / "raw", tmp_path / "shards"
+    synth_dataset(src, n=12, seed=4)
+    labels = (src / "trainLabels.csv").read_text().splitlines()
+    (src / "trainLabels.csv").write_text("\n".join(labels[:9]) + "\n")  # 8 photos first
+    later = [line.split(",")[0] for line in labels[9:]]
+    hidden = tmp_path / "later"
+    hidden.mkdir()
+    for i in later:
+        (src / "train" / f"{i}.jpeg").rename(hidden / f"{i}.jpeg")
+    bad = labels[1].split(",")[0]
+    (src / "train" / f"{bad}.jpeg").write_bytes(b"\xff\xd8\xff not a photo")
+    line = re.compile(r"(.+): version (\d+): (\d+) of (\d+) photos in (\d+) shards "
+                      r"\((.+); (\d+) rejected; \d+\.\d s\)")
+    for k, what in ((1, "8 added"), (2, "4 added")):
+        if k == 2:
+            for i in later:
+                (hidden / f"{i}.jpeg").rename(src / "train" / f"{i}.jpeg")
+            (src / "trainLabels.csv").write_text("\n".join(labels) + "\n")
+        r = run(src, out, "--summary-json", str(tmp_path / f"s{k}.json"))
+        assert r.returncode == 0, r.stderr
+        s = json.loads((tmp_path / f"s{k}.json").read_text())
+        assert s["photos"] == 4 + 4 * k and s["ok"] == 3 + 4 * k and s["rejected"] == 1
+        assert r.stdout.endswith("\n") and r.stdout.count("\n") == 1, r.stdout
+        m = line.fullmatch(r.stdout.rstrip("\n"))
+        assert m, r.stdout
+        assert m.groups()[:6] == (str(out), str(k), str(s["ok"]), str(s["photos"]),
+                                  str(sum(s["shards"].values())), what)
+        assert m.group(7) == "1"
+        for stream in (r.stdout, r.stderr):
+            assert "\r" not in stream and "%|" not in stream and "photo/s" not in stream
