@@ -108,6 +108,10 @@ def test_three_scheduled_runs(sample_dir, tmp_path):
         i: lab for i, lab in current.items() if i != corrupt}
     rows = {r["image_id"]: r for r in csv.DictReader(open(out / "data_manifest.csv"))}
     assert rows[corrupt]["status"] == "rejected"
+    change = json.loads((versions.version_dir(out, 3) / versions.VERSION_FILE).read_text())
+    assert change["changes"] == {"added": len(ids) - 23, "removed": 0, "replaced": 1,
+                                 "relabelled": 0}
+    assert change["changed_ids"]["replaced"] == [corrupt]
 
     # No patient changes split, across all versions (rejected photos keep theirs too).
     per_patient = {}
@@ -129,6 +133,11 @@ def test_three_scheduled_runs(sample_dir, tmp_path):
     assert [h["version"] for h in history] == [1, 2, 3, 3]
     assert history[1]["added"] == 8 and history[1]["removed"] == 1
     assert history[3]["noop"] is True
+    assert [h["changed"] for h in history] == [0, 1, 1, 0]  # relabelled, then replaced
+    assert [h["rejected"] for h in history] == [0, 0, 1, 1]
+    assert [h["photos"] for h in history] == [15, 22, len(ids) - 1, len(ids) - 1]
+    assert all(isinstance(h["duration_s"], float) and 0 < h["duration_s"] < 600
+               for h in history)
 
     # A change of configuration is still refused, naming what differs.
     r = run(src, out, "--seed", "5")
