@@ -330,3 +330,57 @@ def test_off_a_terminal_one_summary_line_and_no_progress_bar(tmp_path):
         assert m.group(7) == "1"
         for stream in (r.stdout, r.stderr):
             assert "\r" not in stream and "%|" not in stream and "photo/s" not in stream
+
+
+def test_overwrite_of_several_versions_restarts_at_version_1(tmp_path):
+    """Three versions, then another configuration with --overwrite: version 1 again, no
+    later version's folder or shard left, the records are the current photos; the run log
+    (history.jsonl) is kept and gets the overwrite run's line."""
+    from pipeline.synth import synth_dataset
+    from tfrecord_writer.info import load_info
+
+    src, out = tmp_path / "raw", tmp_path / "shards"
+    synth_dataset(src, n=24, seed=6)
+    labels = (src / "trainLabels.csv").read_text().splitlines()
+    hidden = tmp_path / "later"
+    hidden.mkdir()
+    for line in labels[13:]:
+        i = line.split(",")[0]
+        (src / "train" / f"{i}.jpeg").rename(hidden / f"{i}.jpeg")
+    for n in (12, 18, 24):
+        for line in labels[1:n + 1]:
+            p = hidden / f"{line.split(',')[0]}.jpeg"
+            if p.exists():
+                p.rename(src / "train" / p.name)
+        (src / "trainLabels.csv").write_text("\n".join(labels[:n + 1]) + "\n")
+        r = run(src, out)
+        assert r.returncode == 0, r.stderr
+    assert versions.latest_version(out) == 3
+    assert list(out.glob("*-v0002-*.tfrecord")) and list(out.glob("*-v0003-*.tfrecord"))
+
+    r = run(src, out, "--size", "48", "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert versions.latest_version(out) == 1
+    assert sorted(p.name for p in (out / versions.VERSIONS).iterdir()) == [
+        versions.LATEST, "v0001"]
+    assert not [p.name for p in out.glob("*.tfrecord") if "-v0" in p.name]
+    info = load_info(out)
+    assert info["config"]["process"]["size"] == 48 and info["version"] == 1
+    current = {line.split(",")[0] for line in labels[1:]}
+    rows = list(csv.DictReader(open(out / "data_manifest.csv")))
+    assert {r["image_id"] for r in rows if r["status"] == "ok"} == current
+    got = served(out)
+    assert set(got) == current and got == served(versions.version_dir(out, 1))
+    assert sum(v["records"] for v in info["splits"].values()) == len(current)
+    assert sorted(p.name for p in out.glob("*.tfrecord")) == sorted(
+        f["name"] for v in info["splits"].values() for f in v["shards"])
+    for ex in iter_split(out, "train"):
+        assert ex["image/height"] == ex["image/width"] == 48
+    history = [json.loads(line) for line in (out / versions.HISTORY).read_text().splitlines()]
+    assert [(h["version"], h["exit_status"], h["photos"]) for h in history] == [
+        (1, 0, 12), (2, 0, 18), (3, 0, 24), (1, 0, 24)]
+    tfds = pytest.importorskip("tensorflow_datasets")
+    builder = tfds.builder_from_directory(str(out))
+    ids = [ex["image/id"].numpy().decode() for s in builder.info.splits
+           for ex in builder.as_dataset(split=s)]
+    assert sorted(ids) == sorted(current)
