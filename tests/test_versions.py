@@ -240,7 +240,8 @@ def test_split_cli_previous(sample_dir, tmp_path):
 
 @pytest.mark.slow
 def test_train_pins_a_version(tmp_path):
-    """train --data reads the latest version, --version N pins one; evaluate stays on it."""
+    """train --data reads the latest version, --version N pins one; evaluate and predict
+    stay on it."""
     pytest.importorskip("tensorflow")
     from pipeline.synth import synth_dataset
 
@@ -274,6 +275,17 @@ def test_train_pins_a_version(tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"n={n[1]}," in r.stdout
+    # predict reads nothing from --data: it grades with the run's recorded identity of its
+    # shards (the preprocessing, training.runs.process_config), which is version 1's, not
+    # the latest's, though a newer version exists.
+    from training import runs
+
+    run1, v1 = tmp_path / "run1", versions.version_dir(out, 1)
+    rec = runs.recorded_identity(run1)
+    assert rec == runs.data_identity(v1)
+    assert (rec["input_hash"], rec["counts"]) != (runs.data_identity(out)["input_hash"],
+                                                  runs.data_identity(out)["counts"])
+    assert runs.process_config(run1, runs.load_config(run1).data) == runs.process_config_of(v1)
     r = subprocess.run([DRPIPE, "train", "--data", str(out), "--version", "9", "--out",
                         str(tmp_path / "run9")], capture_output=True, text=True, timeout=600)
     assert r.returncode == 2 and "no version 9" in r.stderr
