@@ -384,7 +384,7 @@ def _clear(out: Path, recorded: set[str]) -> None:
     if not (out / STATE_FILE).is_file():  # never a folder no drpipe run recorded as its own
         return
     for p in out.iterdir():
-        if p.name == LOCK_FILE:
+        if p.name in (LOCK_FILE, versions.HISTORY):  # the run log outlives an --overwrite
             continue
         if p.name in OWN_FILES or p.name in recorded or (
                 p.name.startswith(".") and p.name.endswith(TMP_SUFFIX)):

@@ -204,9 +204,13 @@ def _run_to_store(config, opts, progress_factory, url: str) -> dict:
                     + " that no drpipe run recorded writing here; move them away or choose "
                     "another --out")
             if same and not opts.overwrite and job.INFO_FILE in names:
-                info = _read_json(fs, f"{url}/{job.INFO_FILE}")
-                if "drpipe_version" not in info:  # the TFDS file: drpipe's info is beside it
-                    info = _read_json(fs, f"{url}/{output_info.DRPIPE_INFO_FILE}")
+                try:
+                    info = output_info.info_from(_reader(fs, url, names), url)
+                except FileNotFoundError as e:
+                    raise JobError(f"{e}; re-run with --overwrite") from None
+                except (OSError, ValueError) as e:
+                    raise JobError(f"{url}: cannot read drpipe's info ({short_error(e)}); "
+                                   "re-run with --overwrite") from None
                 return dict(info["summary"], already_complete=True)
             if not same and not opts.overwrite:
                 raise job.other_run(url, old, state)
@@ -271,11 +275,24 @@ def _recorded(fs, url: str, names, old: dict) -> set[str]:
         except (FileNotFoundError, OSError):
             text = ""
         found |= {line.split("  ", 1)[1] for line in text.splitlines() if "  " in line}
-    for name in (output_info.DRPIPE_INFO_FILE, job.INFO_FILE):
-        splits = _read_json(fs, f"{url}/{name}").get("splits") if name in names else None
-        for split in (splits.values() if isinstance(splits, dict) else []):
-            found |= {f.get("name") for f in split.get("shards", []) if isinstance(f, dict)}
+    try:  # drpipe's info, of a finished output or of one whose upload stopped before the marker
+        info = output_info.info_from(_reader(fs, url, names), url, finished=False)
+    except (OSError, ValueError):
+        info = {}
+    splits = info.get("splits") if isinstance(info, dict) else None
+    for split in (splits.values() if isinstance(splits, dict) else []):
+        found |= {f.get("name") for f in split.get("shards", []) if isinstance(f, dict)}
     return {n for n in found if isinstance(n, str) and n.endswith(".tfrecord")}
+
+
+def _reader(fs, url: str, names):
+    """read(name) for output_info.info_from: an object's bytes, None if there is none."""
+    def read(name: str) -> bytes | None:
+        try:
+            return fs.cat_file(f"{url}/{name}") if name in names else None
+        except FileNotFoundError:
+            return None
+    return read
 
 
 def _objects(fs, url: str) -> dict[str, int]:

@@ -356,3 +356,26 @@ def test_storage_options_reach_data_urls(s3, raw_url, tmp_path):
         help_text = subprocess.run([DRPIPE, command, "--help"], capture_output=True, text=True,
                                    timeout=120).stdout
         assert "--storage-option" in help_text, command
+
+
+def test_a_previous_format_output_in_a_store(s3, raw_url):
+    """drpipe's info in dataset_info.json (drpipe 0.1.0): a re-run finds it complete, and
+    its shards, recorded there alone, are drpipe's to replace with --overwrite (the same
+    format decision as a local output: tfrecord_writer.info.info_from)."""
+    url, key = "s3://bkt/old-format", "bkt/old-format"
+    preprocess("--src", raw_url, "--out", url, *SETTINGS)
+    ours = {n for n in objects(s3, url) if n.endswith(".tfrecord")}
+    info = json.loads(s3.cat_file(f"{key}/drpipe_info.json"))
+    for name in ("drpipe_info.json", "features.json", "image.class.label.labels.txt",
+                 "metadata.json", "SHA256SUMS"):
+        s3.rm(f"{key}/{name}")
+    s3.pipe_file(f"{key}/dataset_info.json", json.dumps(info).encode())
+    r = subprocess.run([DRPIPE, "preprocess", "--src", raw_url, "--out", url,
+                        *map(str, SETTINGS)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "already complete" in r.stdout, r.stderr
+    assert f"{info['summary']['ok']} of {info['summary']['photos']} photos" in r.stdout
+    state = json.loads(s3.cat_file(f"{key}/.drpipe-state.json"))
+    s3.pipe_file(f"{key}/.drpipe-state.json", json.dumps(dict(state, shards=[])).encode())
+    preprocess("--src", raw_url, "--out", url, *SETTINGS, "--overwrite")
+    assert {n for n in objects(s3, url) if n.endswith(".tfrecord")} == ours
+    assert "drpipe_version" not in json.loads(s3.cat_file(f"{key}/dataset_info.json"))

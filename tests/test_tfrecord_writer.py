@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import os
 import re
 from pathlib import Path
@@ -233,3 +234,29 @@ def test_replacing_renames_when_whole_and_removes_when_refused(tmp_path):
         tmp.write_bytes(b"new")
         assert target.read_bytes() == b"old"  # the final name is untouched until the end
     assert target.read_bytes() == b"new" and sorted(tmp_path.iterdir()) == [target]
+
+
+def test_info_from_tells_the_formats_apart():
+    """tfrecord_writer.info.info_from over any reader (load_info locally, the object-store
+    output through the store's reads): the format decision in one place."""
+    from tfrecord_writer.info import info_from
+
+    old = {"drpipe_version": "0.1.0", "splits": {"train": {"shards": [{"name": "a"}]}}}
+    new = {"drpipe_version": "0.2.0", "splits": {"train": {"shards": [{"name": "b"}]}}}
+    tfds = {"name": "drpipe", "splits": [{"name": "train"}]}
+
+    def reader(**files):
+        blobs = {k.replace("_json", ".json"): json.dumps(v).encode() for k, v in files.items()}
+        return blobs.get
+
+    assert info_from(reader(dataset_info_json=old), "o") == old
+    assert info_from(reader(dataset_info_json=tfds, drpipe_info_json=new), "o") == new
+    with pytest.raises(FileNotFoundError, match=r"^o: no drpipe shards here"):
+        info_from(reader(drpipe_info_json=new), "o")
+    with pytest.raises(FileNotFoundError, match="drpipe_info.json is missing"):
+        info_from(reader(dataset_info_json=tfds), "o")
+    # a run that stopped before its marker: what drpipe_info.json says, or nothing
+    assert info_from(reader(drpipe_info_json=new), "o", finished=False) == new
+    assert info_from(reader(), "o", finished=False) == {}
+    with pytest.raises(ValueError):
+        info_from({"dataset_info.json": b"{not json"}.get, "o")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from tfrecord_writer.files import atomic_write_bytes
@@ -80,16 +81,33 @@ def load_info(data_dir: str | Path) -> dict:
     Raises FileNotFoundError (one line) if ``data_dir`` holds no finished drpipe output.
     """
     d = Path(data_dir)
-    marker = d / INFO_FILE
-    if not marker.is_file():
-        raise FileNotFoundError(f"{d}: no drpipe shards here (no {INFO_FILE})")
-    info = json.loads(marker.read_text())
-    if "drpipe_version" in info:  # the previous format: drpipe's info under TFDS's name
-        return info
-    own = d / DRPIPE_INFO_FILE
-    if not own.is_file():
-        raise FileNotFoundError(f"{d}: {INFO_FILE} is there but {DRPIPE_INFO_FILE} is missing")
-    return json.loads(own.read_text())
+    return info_from(lambda name: (d / name).read_bytes() if (d / name).is_file() else None, d)
+
+
+def info_from(read: Callable[[str], bytes | None], where, *, finished: bool = True) -> dict:
+    """drpipe's information from the files of an output anywhere (a folder, an object
+    store): ``read(name)`` gives the bytes of the file ``name`` there, or None if there is
+    none. The one place that tells the formats apart: a ``dataset_info.json`` with a
+    ``drpipe_version`` key is drpipe's own (drpipe 0.1.0 and earlier), else drpipe's
+    information is ``drpipe_info.json``.
+
+    ``finished=False`` (an output a run may have left half written): without the marker,
+    ``drpipe_info.json`` if there, else ``{}``. Raises FileNotFoundError (one line, naming
+    ``where``) for a missing file, ValueError for one that is not JSON."""
+    marker = read(INFO_FILE)
+    if marker is not None:
+        info = json.loads(marker)
+        if "drpipe_version" in info:  # the previous format: drpipe's info under TFDS's name
+            return info
+    elif finished:
+        raise FileNotFoundError(f"{where}: no drpipe shards here (no {INFO_FILE})")
+    own = read(DRPIPE_INFO_FILE)
+    if own is None:
+        if marker is None:
+            return {}
+        raise FileNotFoundError(f"{where}: {INFO_FILE} is there but {DRPIPE_INFO_FILE} "
+                                "is missing")
+    return json.loads(own)
 
 
 def write_info(out: str | Path, info: dict) -> None:
