@@ -51,7 +51,8 @@ SPLIT_QUOTA_HELP = ("none: the stratified split alone (each split within a photo
                     "its share of each grade); floor: every split but the first gets exactly "
                     "floor(fraction x n) photos of each grade (n: the grade's photos), the "
                     "first the rest, by moving whole patients after the stratified split; "
-                    "exit 3 when no patient-safe split meets that (the split and grade named).")
+                    "exit 3 when drpipe finds no patient-safe split that meets it (the "
+                    "split and grade named; the message says when none can exist).")
 
 
 class DrpipeError(click.ClickException):
@@ -154,7 +155,7 @@ class _Commands(click.Group):
         except KeyboardInterrupt:
             command = ctx.invoked_subcommand or "the command"
             raise Interrupted(f"interrupted; nothing half-written is kept: run drpipe {command} "
-                              "again (work that finished is kept)") from None
+                              "again") from None
 
 
 @click.group(cls=_Commands,

@@ -74,6 +74,17 @@ def run_incremental(config, opts, progress_factory, out: Path, source, photos, m
     gone = set(changes["removed"]) | set(changes["replaced"]) | set(changes["relabelled"])
     todo_photos = [p for p in photos if p.image_id in changed]
 
+    # The split first: a grown set whose split cannot be made (an unreachable --split-quota:
+    # exit 3) is refused before anything in --out changes, as in a full run.
+    try:
+        splits = assign_splits(job.split_rows(photos, missing), config.split, config.seed,
+                               keep=versions.patient_splits(prev_rows),
+                               quota=config.split_quota)
+    except QuotaError:  # bad input data (exit 3), as in a full run; not a JobError
+        raise
+    except ValueError as e:
+        raise job.JobError(f"{out}: {e}") from None
+
     staging = out / job.STAGING
     if old.get("input_hash") != state["input_hash"]:  # not a resume of the same inputs
         shutil.rmtree(staging, ignore_errors=True)
@@ -83,17 +94,6 @@ def run_incremental(config, opts, progress_factory, out: Path, source, photos, m
     staging.mkdir(exist_ok=True)
     remove_temporaries(staging)
     remove_temporaries(out)
-
-    split_rows = [(p.image_id, p.patient_id, p.label) for p in photos if p.label is not None]
-    split_rows += [(r.image_id, r.patient_id, r.label) for r in missing]
-    try:
-        splits = assign_splits(split_rows, config.split, config.seed,
-                               keep=versions.patient_splits(prev_rows),
-                               quota=config.split_quota)
-    except QuotaError:  # bad input data (exit 3), as in a full run
-        raise
-    except ValueError as e:
-        raise job.JobError(f"{out}: {e}") from None
 
     batches = job._batches(todo_photos)
     todo = [b for b in range(len(batches)) if not (staging / f"batch-{b:06d}.json").exists()]

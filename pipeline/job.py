@@ -591,10 +591,17 @@ def _label_splits(source, config: JobConfig) -> dict[str, str]:
     # which photos happened to decode.
     # All of them, --limit or not (a trial gets the full run's split), an id shared by
     # several files once.
-    split_rows = list({p.image_id: (p.image_id, p.patient_id, p.label)
-                       for p in source.photos if p.label is not None}.values())
-    split_rows += [(r.image_id, r.patient_id, r.label) for r in source.labels_without_photo]
-    return assign_splits(split_rows, config.split, config.seed, quota=config.split_quota)
+    return assign_splits(split_rows(source.photos, source.labels_without_photo),
+                         config.split, config.seed, quota=config.split_quota)
+
+
+def split_rows(photos, labels_without_photo) -> list[tuple[str, str, int]]:
+    """The (image_id, patient_id, grade) rows a split is planned from: every labelled id
+    once (an id shared by several files counts once, as ``drpipe split`` sees it), photo or
+    not."""
+    rows = list({p.image_id: (p.image_id, p.patient_id, p.label)
+                 for p in photos if p.label is not None}.values())
+    return rows + [(r.image_id, r.patient_id, r.label) for r in labels_without_photo]
 
 
 def _missing_rows(missing, splits: dict) -> list[dict]:

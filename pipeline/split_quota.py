@@ -10,10 +10,12 @@ The repair starts from the greedy's assignment and moves whole patients (both ey
 together) between splits until every (split, grade) count is its quota:
 
 1. Local search on the patients' eye-grade vectors ("types": (0, 0), (0, 2), ...): the
-   move of one patient, or a combination of two or three moves (a swap, a chain through
-   three splits), that lowers the total deviation sum |count - quota| the most, until it
-   is 0. The patient moved is the one of its type and split placed last by the seeded
-   greedy, so the result is deterministic for a seed.
+   move of one patient, or a combination of up to four moves between a split and the first
+   (a swap, say), that lowers the total deviation sum |count - quota| the most, until it
+   is 0; where no combination lowers it, a seeded random walk of moves and swaps that
+   never raise it (crossing the plateaus of many patients with many photos each). The
+   patient moved is the one of its type and split placed last by the seeded greedy, so
+   the result is deterministic for a seed.
 2. If that stalls: a divisor check (every patient has 0 or 2 photos of grade 0, a split
    needs an odd number: impossible at any size), then, where the quotas are small (tiny
    data sets), an exact search over how many patients of each type each split holds: it
@@ -34,7 +36,8 @@ from pipeline.sources import LabelError
 
 QUOTAS = ("floor",)
 _EXACT_MAX_STATES = 50_000  # the exact search gives up beyond this many count states
-_EXACT_MAX_WORK = 1_000_000  # ... or this many (state, share) pairs in one step (seconds)
+_EXACT_MAX_WORK = 300_000  # ... or this many (state, share) pairs in one step
+_EXACT_TOTAL_WORK = 300_000  # ... or in all its steps together (~10 us each: seconds)
 _COMBOS_MAX = 300_000  # the local search tries combinations of up to this many moves
 
 
@@ -75,10 +78,11 @@ def repair(counts: np.ndarray, choice: np.ndarray, fixed: np.ndarray, order: np.
     current = np.zeros_like(q)
     np.add.at(current, choice, counts)
 
-    target, dev = _aggregate_search(types, avail, current - q)
+    room = q - (current - avail @ types)  # the quotas less what kept patients hold
+    barred = _divisor_bars(types, avail, room)  # impossible at any size: no random walk
+    target, dev = _aggregate_search(types, avail, current - q, walk=not barred)
     if np.abs(dev).sum():
-        room = q - (current - avail @ types)  # the quotas less what kept patients hold
-        exact = False if _divisor_bars(types, avail, room) else _exact_search(types, room, avail)
+        exact = False if barred else _exact_search(types, room, avail)
         if exact is None or exact is False:
             _refuse(dev, q, frac, counts.sum(axis=0), names, proved=exact is False)
         target = exact
@@ -97,7 +101,7 @@ def repair(counts: np.ndarray, choice: np.ndarray, fixed: np.ndarray, order: np.
     return choice
 
 
-def _aggregate_search(types, avail, dev, max_steps: int = 10_000):
+def _aggregate_search(types, avail, dev, max_steps: int = 10_000, walk: bool = True):
     """Local search on the split x type counts, one split at a time against the first
     (which gets the rest: it is exact once the others are). Returns (split x type counts,
     deviation from the quotas) where it stopped: the deviation is 0, or no combination of
@@ -132,7 +136,9 @@ def _aggregate_search(types, avail, dev, max_steps: int = 10_000):
                 if after[k] < l1:
                     best = combos[k]
                     break
-            if best is None:
+            if best is None:  # a local minimum: walk the plateau at random, then go on
+                if walk and _random_walk(types, avail, dev, s):
+                    break
                 return avail, dev
             for m in best:
                 a, b = (0, s) if sign[m] > 0 else (s, 0)
@@ -141,6 +147,34 @@ def _aggregate_search(types, avail, dev, max_steps: int = 10_000):
                 dev[a] -= types[kind[m]]
                 dev[b] += types[kind[m]]
     return avail, dev
+
+
+def _random_walk(types, avail, dev, s: int, steps: int = 50_000) -> bool:
+    """Random moves and swaps of patients between split ``s`` and the first that never raise
+    split ``s``'s deviation (sideways steps cross the plateaus the best-first search stops
+    on, as with many patients of many photos each). Changes ``avail``/``dev`` in place;
+    True when split ``s`` meets its quotas. Seeded: deterministic."""
+    rng = np.random.default_rng(0)
+    l1 = int(np.abs(dev[s]).sum())
+    for _ in range(steps):
+        if l1 == 0:
+            return True
+        into = rng.integers(len(types)) if rng.random() < 0.9 else -1  # -1: no patient
+        out = rng.integers(len(types)) if rng.random() < 0.9 or into < 0 else -1
+        if (into >= 0 and avail[0, into] == 0) or (out >= 0 and avail[s, out] == 0):
+            continue
+        change = (types[into] if into >= 0 else 0) - (types[out] if out >= 0 else 0)
+        after = int(np.abs(dev[s] + change).sum())
+        if after > l1:
+            continue
+        for t, a, b in ((into, 0, s), (out, s, 0)):
+            if t >= 0:
+                avail[a, t] -= 1
+                avail[b, t] += 1
+                dev[a] -= types[t]
+                dev[b] += types[t]
+        l1 = after
+    return l1 == 0
 
 
 def _divisor_bars(types, avail, room) -> bool:
@@ -158,7 +192,8 @@ def _exact_search(types, room, prefer):
     """How many movable patients of each type each split gets so that every split but the
     first receives exactly ``room`` (split x grade: quota less what unmovable patients
     hold). Returns the split x type counts, False when there is none (proved), or None
-    when the search grows too large (_EXACT_MAX_STATES, _EXACT_MAX_WORK)."""
+    when the search grows too large (_EXACT_MAX_STATES, _EXACT_MAX_WORK,
+    _EXACT_TOTAL_WORK)."""
     n_splits, n_types = prefer.shape
     if (room < 0).any():
         return False
@@ -167,6 +202,7 @@ def _exact_search(types, room, prefer):
     # Dynamic programme over types; a state is what splits 1.. hold so far (split 0 gets
     # the rest, which then meets its quota too, the totals being equal).
     layers = [{tuple(np.zeros(rest.size, int)): None}]
+    work = 0
     for t in range(n_types):
         # Ways to share the patients of type t over splits 1.., nearest the greedy first.
         most = [min([total[t]] + [r // c for r, c in zip(row, types[t], strict=True) if c])
@@ -175,7 +211,8 @@ def _exact_search(types, room, prefer):
             return None
         ways = [w for w in itertools.product(*(range(m + 1) for m in most))
                 if sum(w) <= total[t]]
-        if len(layers[-1]) * len(ways) > _EXACT_MAX_WORK:
+        work += len(layers[-1]) * len(ways)
+        if len(layers[-1]) * len(ways) > _EXACT_MAX_WORK or work > _EXACT_TOTAL_WORK:
             return None
         ways.sort(key=lambda w: (sum(abs(x - p) for x, p in zip(w, prefer[1:, t], strict=True)), w))
         nxt: dict = {}
@@ -217,4 +254,4 @@ def _refuse(dev, q, frac, totals, names, proved: bool):
     raise QuotaError(
         f"--split-quota floor: {how} {names[s]} exactly {_photos(q[s, g])} of grade {g} "
         f"({rule}); the closest found has {q[s, g] + off}, {abs(off)} "
-        f"{'over' if off > 0 else 'under'} (both eyes of a patient are in one split)")
+        f"{'over' if off > 0 else 'under'} (all of a patient's photos are in one split)")
