@@ -153,8 +153,8 @@ class _Commands(click.Group):
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt:
-            command = ctx.invoked_subcommand or "the command"
-            raise Interrupted(f"interrupted; nothing half-written is kept: run drpipe {command} "
+            command = f"drpipe {ctx.invoked_subcommand}" if ctx.invoked_subcommand else "it"
+            raise Interrupted(f"interrupted; nothing half-written is kept: run {command} "
                               "again") from None
 
 
@@ -427,10 +427,10 @@ def split(labels, id_col, label_col, patient_col, split_spec, seed, out, previou
           split_quota):
     """Plan a patient-safe stratified split from a labels file alone (no photos needed).
 
-    Uses the same code as preprocess: with the same labels, --split and --seed, the
-    shards get exactly this split. With --previous, the plan of a grown labels file: as an
-    incremental preprocess run, every earlier patient stays in its split and new patients
-    are assigned from the current counts.
+    Uses the same code as preprocess: with the same labels, --split, --seed and
+    --split-quota, the shards get exactly this split. With --previous, the plan of a grown
+    labels file: as an incremental preprocess run, every earlier patient stays in its split
+    and new patients are assigned from the current counts.
     """
     ratios = split_ratios(split_spec)
     try:

@@ -77,7 +77,9 @@ def run_incremental(config, opts, progress_factory, out: Path, source, photos, m
     # The split first: a grown set whose split cannot be made (an unreachable --split-quota:
     # exit 3) is refused before anything in --out changes, as in a full run.
     try:
-        splits = assign_splits(job.split_rows(photos, missing), config.split, config.seed,
+        # every label, --limit or not, as a full run plans it
+        splits = assign_splits(job.split_rows(source.photos, source.labels_without_photo),
+                               config.split, config.seed,
                                keep=versions.patient_splits(prev_rows),
                                quota=config.split_quota)
     except QuotaError:  # bad input data (exit 3), as in a full run; not a JobError

@@ -242,6 +242,8 @@ def _expected_state(config) -> dict:
     source = detect_source(config.src, config.source_kind, config.labels, config.id_col,
                            config.label_col, config.patient_col)
     photos = source.photos[:config.limit] if config.limit else source.photos
+    if config.split_quota:  # an unreachable quota (exit 3) before the store is touched
+        job._label_splits(source, config)
     return {"config_hash": config.hash(), "input_hash": job._input_fingerprint(source, photos),
             "drpipe_version": drpipe_version()}
 

@@ -10,12 +10,12 @@ The repair starts from the greedy's assignment and moves whole patients (both ey
 together) between splits until every (split, grade) count is its quota:
 
 1. Local search on the patients' eye-grade vectors ("types": (0, 0), (0, 2), ...): the
-   move of one patient, or a combination of up to four moves between a split and the first
-   (a swap, say), that lowers the total deviation sum |count - quota| the most, until it
-   is 0; where no combination lowers it, a seeded random walk of moves and swaps that
-   never raise it (crossing the plateaus of many patients with many photos each). The
-   patient moved is the one of its type and split placed last by the seeded greedy, so
-   the result is deterministic for a seed.
+   smallest combination of moves (one patient, or up to four between a split and the
+   first: a swap, say) that lowers the total deviation sum |count - quota|, the best of
+   that size, until it is 0; where no combination lowers it, a seeded random walk of
+   moves and swaps that never raise it (crossing the plateaus of many patients with many
+   photos each). The patient moved is the one of its type and split placed last by the
+   seeded greedy, so the result is deterministic for a seed.
 2. If that stalls: a divisor check (every patient has 0 or 2 photos of grade 0, a split
    needs an odd number: impossible at any size), then, where the quotas are small (tiny
    data sets), an exact search over how many patients of each type each split holds: it
@@ -36,8 +36,7 @@ from pipeline.sources import LabelError
 
 QUOTAS = ("floor",)
 _EXACT_MAX_STATES = 50_000  # the exact search gives up beyond this many count states
-_EXACT_MAX_WORK = 300_000  # ... or this many (state, share) pairs in one step
-_EXACT_TOTAL_WORK = 300_000  # ... or in all its steps together (~10 us each: seconds)
+_EXACT_MAX_WORK = 300_000  # ... or this many (state, share) pairs in all (~10 us each)
 _COMBOS_MAX = 300_000  # the local search tries combinations of up to this many moves
 
 
@@ -192,8 +191,7 @@ def _exact_search(types, room, prefer):
     """How many movable patients of each type each split gets so that every split but the
     first receives exactly ``room`` (split x grade: quota less what unmovable patients
     hold). Returns the split x type counts, False when there is none (proved), or None
-    when the search grows too large (_EXACT_MAX_STATES, _EXACT_MAX_WORK,
-    _EXACT_TOTAL_WORK)."""
+    when the search grows too large (_EXACT_MAX_STATES, _EXACT_MAX_WORK)."""
     n_splits, n_types = prefer.shape
     if (room < 0).any():
         return False
@@ -212,7 +210,7 @@ def _exact_search(types, room, prefer):
         ways = [w for w in itertools.product(*(range(m + 1) for m in most))
                 if sum(w) <= total[t]]
         work += len(layers[-1]) * len(ways)
-        if len(layers[-1]) * len(ways) > _EXACT_MAX_WORK or work > _EXACT_TOTAL_WORK:
+        if work > _EXACT_MAX_WORK:
             return None
         ways.sort(key=lambda w: (sum(abs(x - p) for x, p in zip(w, prefer[1:, t], strict=True)), w))
         nxt: dict = {}

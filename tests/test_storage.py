@@ -379,3 +379,26 @@ def test_a_previous_format_output_in_a_store(s3, raw_url):
     preprocess("--src", raw_url, "--out", url, *SETTINGS, "--overwrite")
     assert {n for n in objects(s3, url) if n.endswith(".tfrecord")} == ours
     assert "drpipe_version" not in json.loads(s3.cat_file(f"{key}/dataset_info.json"))
+
+
+def test_an_unreachable_split_quota_changes_nothing_in_the_store(s3, raw_url, synth_dir,
+                                                                  tmp_path):
+    """--split-quota floor that these labels cannot meet (three patients, both eyes grade 0,
+    half of six photos in val), asked with --overwrite over a finished store output: exit 3
+    in one line, and the store's objects are as they were (the old output was cleared and a
+    state object written before the split was planned)."""
+    url, key = "s3://bkt/quota", "bkt/quota"
+    preprocess("--src", raw_url, "--out", url, *SETTINGS)
+    before = {n: s3.cat_file(f"{key}/{n}") for n in objects(s3, url)}
+    ids = [line.split(",")[0]
+           for line in (synth_dir / "trainLabels.csv").read_text().splitlines()[1:7]]
+    labels = tmp_path / "three.csv"
+    labels.write_text("image,level\n" + "".join(f"{i},0\n" for i in ids))
+    r = subprocess.run([DRPIPE, "preprocess", "--src", raw_url, "--out", url,
+                        *map(str, SETTINGS), "--labels", str(labels), "--split",
+                        "train=0.5,val=0.5", "--split-quota", "floor", "--overwrite"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 3 and r.stderr.count("\n") == 1, r.stderr
+    assert "--split-quota floor: no patient-safe split gives val exactly 3 photos" in r.stderr
+    s3.invalidate_cache()
+    assert {n: s3.cat_file(f"{key}/{n}") for n in objects(s3, url)} == before
