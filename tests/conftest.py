@@ -4,9 +4,16 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
+
+# A shell's background job (`cmd &` without job control, as under nohup) starts with SIGINT
+# ignored, and every process it starts inherits that: the Ctrl-C tests' drpipe would never
+# see their SIGINT. A handler here is reset to the default in each child at exec.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = Path(os.environ.get("DRPIPE_SAMPLE", ROOT.parent / "shared/data/eyepacs-sample"))
