@@ -55,6 +55,11 @@ SPLIT_QUOTA_HELP = ("none: the stratified split alone (each split within a photo
                     "split and grade named; the message says when none can exist).")
 
 
+def _no_quota_is_none(ctx, param, value):
+    """--split-quota none is the split without quotas: None, as pipeline.split takes it."""
+    return None if value == "none" else value
+
+
 class DrpipeError(click.ClickException):
     """A user-facing failure: printed as one line, exit code 1, no traceback."""
 
@@ -298,7 +303,7 @@ def preview(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_megap
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the split and of the record order in shards.")
 @click.option("--split-quota", type=click.Choice(["none", "floor"]), default="none",
-              show_default=True, help=SPLIT_QUOTA_HELP)
+              show_default=True, help=SPLIT_QUOTA_HELP, callback=_no_quota_is_none)
 @click.option("--shard-size", type=click.FloatRange(0.01), default=128.0, show_default=True,
               help="Target shard size in MB.")
 @click.option("--workers", type=click.IntRange(1), default=None,
@@ -377,7 +382,7 @@ def preprocess(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_me
                     source_kind=source_kind, labels=str(labels) if labels else None,
                     id_col=id_col, label_col=label_col, patient_col=patient_col, limit=limit,
                     follow_links=follow_links,
-                    split_quota=None if split_quota == "none" else split_quota)
+                    split_quota=split_quota)
     opts = RunOptions(workers=workers, scheduler=scheduler, strict=strict,
                       overwrite=overwrite, quiet=quiet)
     terminal = sys.stdout.isatty()  # a scheduler's log: no bar, a one-line summary
@@ -417,7 +422,7 @@ def preprocess(src, out, size, filter_, quality, clahe_clip, clahe_tiles, max_me
               help="Split names and fractions.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed.")
 @click.option("--split-quota", type=click.Choice(["none", "floor"]), default="none",
-              show_default=True, help=SPLIT_QUOTA_HELP)
+              show_default=True, help=SPLIT_QUOTA_HELP, callback=_no_quota_is_none)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="CSV to write: image, patient_id, eye, label, split.")
 @click.option("--previous", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -435,7 +440,7 @@ def split(labels, id_col, label_col, patient_col, split_spec, seed, out, previou
     ratios = split_ratios(split_spec)
     try:
         plan = plan_split(labels, ratios, seed, out, id_col, label_col, patient_col, previous,
-                          None if split_quota == "none" else split_quota)
+                          split_quota)
     except LabelError as e:
         raise InputDataError(str(e)) from None
     except NotAPlan as e:

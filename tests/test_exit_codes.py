@@ -81,7 +81,7 @@ def test_every_documented_exit_code(raw, tmp_path):
         r = run(75, "preprocess", "--src", raw, "--out", busy, *SMALL)
     assert "another drpipe run" in r.stderr
     # 130: Ctrl-C (SIGINT to the foreground process group) in a command of no special
-    # handling of its own: one line, no "Aborted!", and the same command then goes on
+    # handling of its own: one line, no "Aborted!", and synth then goes on in that --out
     p = subprocess.Popen([DRPIPE, "synth", "--out", str(tmp_path / "sy"), "--n", "4000",
                           "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
