@@ -367,3 +367,97 @@ def test_two_members_with_one_name_are_refused(sample_photos, tmp_path):
     (src / "trainLabels.csv").write_text("image,level\n15_left,0\n")
     with pytest.raises(ArchiveError, match="two members are named 'train/15_left.jpeg'"):
         detect_archive_source(str(src))
+
+
+# ---------------------------------------------------------------------------- real Zip64 sizes
+
+_ZEROS = bytes(64 << 20)
+
+
+class _SparseWriter:
+    """A file zipfile writes to, in which the padding member's zero chunks become a hole
+    (seeked over): a 4 GiB archive that takes a few MB of disk."""
+
+    def __init__(self, path: Path):
+        self.f = open(path, "w+b")
+
+    def write(self, data) -> int:
+        if data is _ZEROS:
+            self.f.seek(len(data), 1)
+            return len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def _sparse_split(path: Path, folder: Path, size: int) -> list[Path]:
+    """``split -b size`` that copies only the data regions (SEEK_DATA / SEEK_HOLE): the
+    parts keep the hole."""
+    import os
+
+    folder.mkdir()
+    total = path.stat().st_size
+    names = [folder / f"train.zip.{i + 1:03d}" for i in range(-(-total // size))]
+    fds = [os.open(n, os.O_RDWR | os.O_CREAT) for n in names]
+    src = os.open(path, os.O_RDONLY)
+    try:
+        for i, fd in enumerate(fds):
+            os.ftruncate(fd, min(size, total - i * size))
+        pos = 0
+        while pos < total:
+            try:
+                start = os.lseek(src, pos, os.SEEK_DATA)
+            except OSError:  # no data after pos
+                break
+            end = os.lseek(src, start, os.SEEK_HOLE)
+            while start < end:
+                n = min(end - start, 8 << 20, size - start % size)
+                os.pwrite(fds[start // size], os.pread(src, n, start), start % size)
+                start += n
+            pos = end
+    finally:
+        os.close(src)
+        for fd in fds:
+            os.close(fd)
+    return names
+
+
+def test_a_real_zip64_archive_over_4_gib_and_65535_members(sample_dir, folder_run, tmp_path):
+    """Zip64 as zipfile writes it without any limit patched: a 4.1 GiB stored member
+    first (a hole on disk), 70,000 small members (Zip64 entry counts), then the 31
+    photos, whose local headers lie past 4 GiB (Zip64 offsets in the central directory),
+    cut into volumes with a boundary inside the photos."""
+    big = tmp_path / "big.zip"
+    w = _SparseWriter(big)
+    with zipfile.ZipFile(w, "w", zipfile.ZIP_STORED) as z:
+        with z.open(zipfile.ZipInfo("padding.bin"), "w", force_zip64=True) as f:
+            for _ in range((4 << 30) // len(_ZEROS) + 2):
+                f.write(_ZEROS)
+        for i in range(70_000):
+            z.writestr(f"notes/{i:05d}.txt", b"%d" % i)
+        for p in sorted((sample_dir / "train").glob("*.jpeg")):
+            z.writestr("train/" + p.name, p.read_bytes())
+    w.f.close()
+    with zipfile.ZipFile(big) as z:
+        offsets = {i.filename: i.header_offset for i in z.infolist()}
+    assert len(offsets) == 70_032 > 0xFFFF
+    photos = {n: o for n, o in offsets.items() if n.startswith("train/")}
+    assert min(photos.values()) > 0xFFFFFFFF  # every photo's header past 4 GiB
+    assert big.stat().st_blocks * 512 < 200 << 20  # the padding is a hole
+    middle = sorted(photos.values())[15]
+    paths = _sparse_split(big, tmp_path / "parts", middle // 4 + 1)
+    assert len(paths) >= 5 and sum(p.stat().st_size for p in paths) == big.stat().st_size
+    big.unlink()
+
+    a = A.open_archive(parts_of(paths))
+    assert {n: m[0] for n, m in a.members.items()} == offsets
+    assert a.members["padding.bin"][2] > 0xFFFFFFFF  # a Zip64 size
+    reader = a.batch(sorted(photos))
+    for name in sorted(photos):
+        assert reader.read(name) == (sample_dir / name).read_bytes()
+
+    shutil.copy(sample_dir / "trainLabels.csv", paths[0].parent)
+    out = tmp_path / "out"
+    preprocess("--src", paths[0].parent, "--out", out, *SETTINGS)
+    assert digest(out) == digest(folder_run)
