@@ -341,11 +341,13 @@ def test_single_stored_zip_gives_the_same_bytes(zips, sample_dir, folder_run, tm
     assert digest(tmp_path / "out") == digest(folder_run)
 
 
-def test_missing_part_is_one_line_exit_3_before_any_work(parts, tmp_path):
-    parts[-1].unlink()
+@pytest.mark.parametrize("lost", [-1, 5])
+def test_missing_part_is_one_line_exit_3_before_any_work(parts, tmp_path, lost):
+    parts[lost].unlink()
     r = preprocess("--src", parts[0].parent, "--out", tmp_path / "out", *SETTINGS, check=False)
     assert r.returncode == 3, r.stderr
-    assert r.stderr.count("\n") == 1 and parts[-2].name in r.stderr
+    named = parts[-2].name if lost == -1 else f"{parts[lost].name} is missing"
+    assert r.stderr.count("\n") == 1 and named in r.stderr, r.stderr
     assert not list((tmp_path / "out").glob("*.json")) and not list(
         (tmp_path / "out").glob(".drpipe-state*"))  # refused before any work
 
