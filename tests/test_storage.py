@@ -404,6 +404,21 @@ def test_an_unreachable_split_quota_changes_nothing_in_the_store(s3, raw_url, sy
     assert {n: s3.cat_file(f"{key}/{n}") for n in objects(s3, url)} == before
 
 
+def test_labels_from_the_store(s3, raw_url, synth_dir, tmp_path):
+    """``--labels s3://…`` with a local or a store ``--src``: the same shards and manifests
+    as with the labels file on the local disk."""
+    labels = "s3://bkt/labels/own.csv"
+    s3.put_file(str(synth_dir / "trainLabels.csv"), labels)
+    args = ("--size", 128, "--shard-size", 0.2, "--workers", 2)
+    preprocess("--src", synth_dir / "train", "--labels", synth_dir / "trainLabels.csv",
+               "--out", tmp_path / "local", *args)
+    preprocess("--src", synth_dir / "train", "--labels", labels, "--out", tmp_path / "a", *args)
+    preprocess("--src", f"{raw_url}/train", "--labels", labels, "--out", tmp_path / "b", *args)
+    ref = digest(tmp_path / "local")
+    assert len(ref) >= 3 and digest(tmp_path / "a") == ref and digest(tmp_path / "b") == ref
+    assert load_info(tmp_path / "b")["config"]["labels"] == labels
+
+
 STALE = {"host": "elsewhere", "pid": 1, "token": "x"}
 
 
