@@ -109,8 +109,17 @@ def test_storage_options_stay_out_of_outputs(s3, raw_url, local_run, tmp_path):
                    "--storage-option", "key=testing", "--storage-option", f"secret={SECRET}")
     got = download(s3, "s3://bkt/out-opt", tmp_path / "got")
     assert digest(got) == digest(local_run)
-    blob = b"".join(p.read_bytes() for p in got.iterdir())
+    blob = b"".join(p.read_bytes() for p in got.iterdir())  # the state file too
     assert SECRET.encode() not in blob and SECRET not in r.stdout + r.stderr
+    # the options are not configuration: the same hash as a run without them
+    if "dataset_info.json" not in objects(s3, "s3://bkt/out1"):
+        preprocess("--src", raw_url, "--out", "s3://bkt/out1", *SETTINGS)
+    plain = download(s3, "s3://bkt/out1", tmp_path / "plain")
+    state = [json.loads((d / ".drpipe-state.json").read_text()) for d in (got, plain)]
+    info = [load_info(d) for d in (got, plain)]
+    assert state[0]["config_hash"] == state[1]["config_hash"] == info[0]["config_hash"]
+    assert info[0]["config_hash"] == info[1]["config_hash"]
+    assert info[0]["config"] == info[1]["config"]
 
 
 def test_one_zip_in_the_store(s3, synth_dir, local_run, tmp_path):
