@@ -260,6 +260,12 @@ def test_shards_staged_for_training_verified(s3, raw_url, local_run, tmp_path):
 def test_cluster_workers_see_only_the_store(s3, raw_url, local_run, tmp_path, dask_cluster):
     """Workers started elsewhere (their own cwd) read the photos from the store; the source
     exists on no local disk."""
+    from distributed import Client
+
+    with Client(dask_cluster.address, timeout=60) as client:
+        client.wait_for_workers(2, timeout=60)
+        cwds = set(client.run(os.getcwd).values())
+    assert len(cwds) == 2 and os.getcwd() not in cwds  # no client-relative path resolves
     out = tmp_path / "out"
     preprocess("--src", raw_url, "--out", out, *SETTINGS[2:], "--scheduler",
                dask_cluster.address)
