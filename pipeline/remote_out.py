@@ -8,9 +8,11 @@ as any run: ``$DRPIPE_CACHE``, default ``~/.cache/drpipe``, ``out/<hash of the U
 then an upload:
 
 1. A lease object ``.drpipe.lease`` replaces the ``flock``: created with a conditional write
-   (``If-None-Match: *``, fsspec's ``open(p, "xb")``), holding host, pid and expiry,
+   (``If-None-Match: *``; off S3 fsspec's ``open(p, "xb")``), holding host, pid and expiry,
    renewed while the run lives and taken over only when expired (or when its holder is a
-   dead process on this host). A second run is refused, naming the holder.
+   dead process on this host); on S3 the takeover and each renewal are conditional on the
+   ETag (see :class:`Lease` for what holds on other stores). A second run is refused,
+   naming the holder.
 2. The store's ``.drpipe-state.json`` is compared with this run as a local ``--out`` is:
    the same -> resume (or nothing to do when ``dataset_info.json`` is there), different ->
    refused unless ``--overwrite``. Objects drpipe did not write are never removed.
@@ -83,13 +85,26 @@ def check_store(fs, url: str) -> None:
 
 class Lease:
     """An object that says who writes to ``--out``: created only if absent, renewed every
-    third of its time to live, deleted at the end."""
+    third of its time to live, deleted at the end.
+
+    What is guaranteed where. On S3 (s3fs) every write of the lease is conditional, so the
+    store itself decides between racers: the create (``If-None-Match: *``), a takeover of a
+    stale lease (``If-Match`` the ETag that came with the body judged stale, in one GET), a
+    renewal (``If-Match`` this run's last ETag) and the delete at the end (the same). Of two
+    runs taking over one stale lease exactly one holds it, the other is refused (exit 75);
+    a holder whose lease was replaced learns it at its next renewal (412) and writes
+    nothing more. On other fsspec stores the create is as exclusive as the store's ``"xb"``
+    (local files: ``O_EXCL``), but a takeover is a delete then that create and a renewal a
+    plain write after reading the token back: two runs taking over one stale lease can both
+    believe they hold it until the next renewal, when all but one see the token changed."""
 
     def __init__(self, fs, path: str, ttl: float | None = None):
         self.fs, self.path = fs, path
         self.ttl = lease_ttl() if ttl is None else ttl
         self.token = uuid.uuid4().hex
         self.lost = False
+        self.etag = None  # of the version this run last wrote (S3)
+        self._conditional = hasattr(fs, "_call_s3")  # s3fs: conditional PUTs on the ETag
         self._stop = threading.Event()
         self._thread = None
 
@@ -97,47 +112,111 @@ class Lease:
         return json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
                            "expires": time.time() + self.ttl, "token": self.token}).encode()
 
-    def _create(self) -> bool:
+    def _s3(self, method: str, **kwargs):
+        """One S3 call; ``None`` when its condition failed (412, 409, or no such key)."""
+        from fsspec.asyn import sync
+
+        bucket, key, _ = self.fs.split_path(self.path)
+
+        async def call():
+            resp = await self.fs._call_s3(method, Bucket=bucket, Key=key, **kwargs)
+            if method == "get_object":
+                try:
+                    return await resp["Body"].read(), resp.get("ETag")
+                finally:
+                    resp["Body"].close()
+            return resp
+
         try:
-            with self.fs.open(self.path, "xb") as f:
-                f.write(self._body())
+            return sync(self.fs.loop, call)
+        except (FileExistsError, FileNotFoundError):
+            return None
+        except OSError as e:
+            code = getattr(e.__cause__, "response", {}).get("Error", {}).get("Code")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
+                return None
+            raise
+
+    def _write(self, **condition) -> bool:
+        """Write this run's lease under ``condition``; False if another run's write won."""
+        if self._conditional:
+            resp = self._s3("put_object", Body=self._body(), **condition)
+            if resp is None:
+                return False
+            self.etag = resp.get("ETag")
+            self.fs.invalidate_cache(self.path)
             return True
-        except FileExistsError:
-            return False
+        if condition.get("IfNoneMatch") == "*":
+            try:
+                with self.fs.open(self.path, "xb") as f:
+                    f.write(self._body())
+                return True
+            except FileExistsError:
+                return False
+        self.fs.pipe_file(self.path, self._body())
+        return True
+
+    def _create(self) -> bool:
+        return self._write(IfNoneMatch="*")
+
+    def _read(self) -> tuple[dict | None, str | None]:
+        """The holder and the ETag of that same version (one GET; no ETag off S3);
+        ``(None, None)`` when there is no lease, ``{}`` for a body that is not one."""
+        if self._conditional:
+            got = self._s3("get_object")
+            if got is None:
+                return None, None
+            body, etag = got
+        else:
+            try:
+                body, etag = self.fs.cat_file(self.path), None
+            except FileNotFoundError:
+                return None, None
+        try:
+            holder = json.loads(body)
+        except ValueError:
+            return {}, etag
+        return (holder if isinstance(holder, dict) else {}), etag
 
     def _holder(self) -> dict | None:
-        try:
-            got = json.loads(self.fs.cat_file(self.path))
-        except FileNotFoundError:
-            return None
-        except ValueError:
-            return {}
-        return got if isinstance(got, dict) else {}
+        return self._read()[0]
+
+    def _take_over(self, etag: str | None) -> bool:
+        """Replace the stale lease read with ``etag``: only if it is still that version."""
+        if self._conditional:
+            return self._write(IfMatch=etag) if etag else self._create()
+        self.fs.rm(self.path)
+        return self._create()
 
     def __enter__(self):
         if not self._create():
-            holder = self._holder()
+            holder, etag = self._read()
             if holder is not None and not {"host", "pid", "expires", "token"} <= set(holder):
                 raise JobError(f"{self.path} is not a drpipe lease (another tool's object "
                                "of that name?); move it away or choose another --out")
-            if holder is None or _stale(holder):
-                self.fs.rm(self.path)
-                if not self._create():
-                    holder = self._holder() or {}
-                    raise LockHeld(_held_message(self.path, holder))
-            else:
+            if holder is not None and not _stale(holder):
                 raise LockHeld(_held_message(self.path, holder))
+            if not (self._create() if holder is None else self._take_over(etag)):
+                raise LockHeld(_held_message(self.path, self._holder() or {}))
         self._thread = threading.Thread(target=self._renew, daemon=True)
         self._thread.start()
         return self
 
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl / 3):
-            holder = self._holder()
-            if not holder or holder.get("token") != self.token:
-                self.lost = True
-                return
-            self.fs.pipe_file(self.path, self._body())
+            if self._conditional:
+                try:
+                    if not self._write(IfMatch=self.etag):
+                        self.lost = True  # replaced or deleted by another writer
+                        return
+                except OSError:
+                    continue  # the store did not answer: try again at the next renewal
+            else:
+                holder = self._holder()
+                if not holder or holder.get("token") != self.token:
+                    self.lost = True
+                    return
+                self.fs.pipe_file(self.path, self._body())
 
     def check(self) -> None:
         if self.lost:
@@ -148,6 +227,15 @@ class Lease:
         self._stop.set()
         if self._thread:
             self._thread.join(timeout=10)
+        if self._conditional:
+            if self.lost or not self.etag:
+                return
+            try:
+                self._s3("delete_object", IfMatch=self.etag)  # only our own version
+                self.fs.invalidate_cache(self.path)
+                return
+            except OSError:
+                pass  # a store without conditional deletes: by the token, as below
         holder = self._holder()
         if holder and holder.get("token") == self.token:
             self.fs.rm(self.path)

@@ -33,9 +33,14 @@ def detect_in_place(src, kind=None, labels=None, id_col="image", label_col="leve
 
 
 def _detect(src, kind, labels, id_col, label_col, patient_col):
-    if labels is not None and storage.is_url(str(labels)):
+    fetched = labels is not None and storage.is_url(str(labels))
+    if fetched:
         labels = _fetch_labels(str(labels))
     found = detect_archive_source(src, kind, labels, id_col, label_col, patient_col)
+    if found is None and fetched and not storage.is_url(str(src)):
+        from pipeline.sources import detect_local  # a local folder, its labels from a store
+
+        return detect_local(src, kind, labels, id_col, label_col, patient_col)
     if found is not None or not storage.is_url(str(src)):
         return found
     return detect_store_folder(str(src), kind, labels, id_col, label_col, patient_col)

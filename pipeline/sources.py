@@ -296,6 +296,15 @@ def detect_source(src: Path, kind: str | None = None, labels: Path | None = None
     found = detect_in_place(src, kind, labels, id_col, label_col, patient_col)
     if found is not None:
         return found
+    return detect_local(src, kind, labels, id_col, label_col, patient_col)
+
+
+def detect_local(src: Path, kind: str | None = None, labels: Path | None = None,
+                 id_col: str = "image", label_col: str = "level",
+                 patient_col: str | None = None) -> Source:
+    """:func:`detect_source` for a local folder (``labels`` a local file)."""
+    from pipeline.archive import read_labels_as  # errors name a fetched file by its URL
+
     src = Path(src)
     if not src.is_dir():
         raise SourceError(f"{src}: no such directory")
@@ -323,7 +332,7 @@ def detect_source(src: Path, kind: str | None = None, labels: Path | None = None
     if kind == "csv":
         if labels is None:
             raise SourceError("--labels FILE is needed for a CSV source")
-        rows = read_labels(labels, id_col, label_col, patient_col)
+        rows = read_labels_as(labels, id_col, label_col, patient_col)
         files = {}
         _add(files, _scan(src, src), "")
         return _join(src, kind, files, rows)

@@ -46,13 +46,15 @@ def synth_dir(tmp_path_factory) -> Path:
 
 class DaskCluster:
     """A real `dask scheduler` and `dask worker` processes on 127.0.0.1, each in its own
-    process group (so a test can kill one worker, nanny and all)."""
+    process group (so a test can kill one worker, nanny and all) and its own empty
+    temporary cwd (so a path relative to the client's cwd finds nothing on a worker)."""
 
     def __init__(self, n_workers: int = 2, worker_args: tuple[str, ...] = ()):
         import shutil
         import socket
         import subprocess
         import sys
+        import tempfile
 
         dask = shutil.which("dask") or str(Path(sys.executable).parent / "dask")
         with socket.socket() as s:
@@ -63,10 +65,16 @@ class DaskCluster:
                  "start_new_session": True}
         self.scheduler = subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port",
                                            str(port), "--no-dashboard"], **quiet)
+        # PYTHONPATH made absolute: a relative entry would not find drpipe from another cwd
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            str(Path(p).resolve()) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+            if p))
+        self.cwds = [tempfile.mkdtemp(prefix=f"dask-worker-{i}-") for i in range(n_workers)]
         self.workers = [subprocess.Popen([dask, "worker", self.address, "--nthreads", "1",
                                           "--nworkers", "1", "--host", "127.0.0.1",
-                                          "--no-dashboard", *worker_args], **quiet)
-                        for _ in range(n_workers)]
+                                          "--no-dashboard", *worker_args], cwd=cwd, env=env,
+                                         **quiet)
+                        for cwd in self.cwds]
 
     def kill_worker(self, i: int) -> None:
         import signal
@@ -74,6 +82,7 @@ class DaskCluster:
         os.killpg(self.workers[i].pid, signal.SIGKILL)
 
     def close(self) -> None:
+        import shutil
         import signal
 
         for p in [*self.workers, self.scheduler]:
@@ -83,6 +92,8 @@ class DaskCluster:
                 pass
         for p in [*self.workers, self.scheduler]:
             p.wait(timeout=30)
+        for cwd in self.cwds:  # made by __init__ (what a worker wrote there too)
+            shutil.rmtree(cwd, ignore_errors=True)
 
 
 @pytest.fixture()

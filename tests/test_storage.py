@@ -109,8 +109,17 @@ def test_storage_options_stay_out_of_outputs(s3, raw_url, local_run, tmp_path):
                    "--storage-option", "key=testing", "--storage-option", f"secret={SECRET}")
     got = download(s3, "s3://bkt/out-opt", tmp_path / "got")
     assert digest(got) == digest(local_run)
-    blob = b"".join(p.read_bytes() for p in got.iterdir())
+    blob = b"".join(p.read_bytes() for p in got.iterdir())  # the state file too
     assert SECRET.encode() not in blob and SECRET not in r.stdout + r.stderr
+    # the options are not configuration: the same hash as a run without them
+    if "dataset_info.json" not in objects(s3, "s3://bkt/out1"):
+        preprocess("--src", raw_url, "--out", "s3://bkt/out1", *SETTINGS)
+    plain = download(s3, "s3://bkt/out1", tmp_path / "plain")
+    state = [json.loads((d / ".drpipe-state.json").read_text()) for d in (got, plain)]
+    info = [load_info(d) for d in (got, plain)]
+    assert state[0]["config_hash"] == state[1]["config_hash"] == info[0]["config_hash"]
+    assert info[0]["config_hash"] == info[1]["config_hash"]
+    assert info[0]["config"] == info[1]["config"]
 
 
 def test_one_zip_in_the_store(s3, synth_dir, local_run, tmp_path):
@@ -251,6 +260,12 @@ def test_shards_staged_for_training_verified(s3, raw_url, local_run, tmp_path):
 def test_cluster_workers_see_only_the_store(s3, raw_url, local_run, tmp_path, dask_cluster):
     """Workers started elsewhere (their own cwd) read the photos from the store; the source
     exists on no local disk."""
+    from distributed import Client
+
+    with Client(dask_cluster.address, timeout=60) as client:
+        client.wait_for_workers(2, timeout=60)
+        cwds = set(client.run(os.getcwd).values())
+    assert len(cwds) == 2 and os.getcwd() not in cwds  # no client-relative path resolves
     out = tmp_path / "out"
     preprocess("--src", raw_url, "--out", out, *SETTINGS[2:], "--scheduler",
                dask_cluster.address)
@@ -402,3 +417,130 @@ def test_an_unreachable_split_quota_changes_nothing_in_the_store(s3, raw_url, sy
     assert "--split-quota floor: no patient-safe split gives val exactly 3 photos" in r.stderr
     s3.invalidate_cache()
     assert {n: s3.cat_file(f"{key}/{n}") for n in objects(s3, url)} == before
+
+
+def test_labels_from_the_store(s3, raw_url, synth_dir, tmp_path):
+    """``--labels s3://…`` with a local or a store ``--src``: the same shards and manifests
+    as with the labels file on the local disk."""
+    labels = "s3://bkt/labels/own.csv"
+    s3.put_file(str(synth_dir / "trainLabels.csv"), labels)
+    args = ("--size", 128, "--shard-size", 0.2, "--workers", 2)
+    preprocess("--src", synth_dir / "train", "--labels", synth_dir / "trainLabels.csv",
+               "--out", tmp_path / "local", *args)
+    preprocess("--src", synth_dir / "train", "--labels", labels, "--out", tmp_path / "a", *args)
+    preprocess("--src", f"{raw_url}/train", "--labels", labels, "--out", tmp_path / "b", *args)
+    ref = digest(tmp_path / "local")
+    assert len(ref) >= 3 and digest(tmp_path / "a") == ref and digest(tmp_path / "b") == ref
+    assert load_info(tmp_path / "b")["config"]["labels"] == labels
+
+
+STALE = {"host": "elsewhere", "pid": 1, "token": "x"}
+
+
+def test_two_takeovers_of_one_stale_lease_one_wins(s3, monkeypatch):
+    """Two runs judge the same expired lease stale before either writes: exactly one takes
+    it over, the other is refused as by a live lease (LockHeld: exit 75)."""
+    import threading
+
+    from pipeline import remote_out
+
+    path = "s3://bkt/race/.drpipe.lease"
+    s3.pipe_file(path, json.dumps(dict(STALE, expires=time.time() - 5)).encode())
+    both_read = threading.Barrier(2, timeout=30)
+    turn = {"a": threading.Event(), "b": threading.Event()}
+    turn["a"].set()
+    judge = remote_out._stale
+
+    def judged(holder):  # both have read it; then a writes, then b
+        verdict = judge(holder)
+        both_read.wait()
+        assert turn[threading.current_thread().name].wait(30)
+        return verdict
+
+    monkeypatch.setattr(remote_out, "_stale", judged)
+    got = {}
+
+    def take(name):
+        try:
+            got[name] = remote_out.Lease(s3, path, ttl=60).__enter__()
+        except remote_out.LockHeld as e:
+            got[name] = e
+        finally:
+            turn["b"].set()
+
+    threads = [threading.Thread(target=take, args=(n,), name=n) for n in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    try:
+        assert isinstance(got["a"], remote_out.Lease) and not got["a"].lost
+        assert isinstance(got["b"], remote_out.LockHeld), got["b"]
+        assert str(got["b"]).startswith("another drpipe run is writing to s3://bkt/race (host "
+                                        f"{socket.gethostname()}, pid {os.getpid()},")
+        assert json.loads(s3.cat_file(path))["token"] == got["a"].token
+    finally:
+        for lease in got.values():
+            if isinstance(lease, remote_out.Lease):
+                lease.__exit__(None, None, None)
+    assert not s3.exists(path)  # the holder removed its own lease
+
+
+def test_a_held_lease_is_renewed_and_a_replaced_one_lost(s3, monkeypatch):
+    """Renewed every third of DRPIPE_LEASE_TTL while held; once another writer replaces the
+    object the holder's conditional renewal fails: lost, check() says so in one line, and
+    the other writer's lease is left as it is."""
+    from pipeline.job import JobError
+    from pipeline.remote_out import Lease
+
+    monkeypatch.setenv("DRPIPE_LEASE_TTL", "0.6")
+    path = "s3://bkt/renew/.drpipe.lease"
+    lease = Lease(s3, path).__enter__()
+    try:
+        first = json.loads(s3.cat_file(path))
+        deadline = time.time() + 10
+        while json.loads(s3.cat_file(path))["expires"] <= first["expires"]:
+            assert time.time() < deadline, "never renewed"
+            time.sleep(0.05)
+        assert not lease.lost and json.loads(s3.cat_file(path))["token"] == lease.token
+        lease.check()
+        other = json.dumps(dict(STALE, expires=time.time() + 600, token=first["token"]))
+        s3.pipe_file(path, other.encode())  # a takeover, even one that copied the token
+        deadline = time.time() + 10
+        while not lease.lost:
+            assert time.time() < deadline, "never noticed"
+            time.sleep(0.05)
+        with pytest.raises(JobError) as e:
+            lease.check()
+        assert str(e.value) == (f"lost the lease {path} to another run; nothing more is "
+                                "written, re-run to resume")
+    finally:
+        lease.__exit__(None, None, None)
+    assert s3.cat_file(path) == other.encode()  # not renewed over, not deleted
+
+
+def test_a_run_that_loses_its_lease_writes_nothing_more(s3, raw_url):
+    """Another writer replaces a running preprocess's lease while it processes: at its next
+    renewal the run knows, uploads no shard and no marker, exits 1 in one line and leaves
+    the other lease as it is."""
+    url = "s3://bkt/out-lost"
+    run = subprocess.Popen([DRPIPE, "preprocess", "--quiet", "--src", raw_url, "--out", url,
+                            *map(str, SETTINGS)], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True,
+                           env=dict(os.environ, DRPIPE_LEASE_TTL="0.6"))
+    try:
+        deadline = time.time() + 60
+        while not {".drpipe.lease", ".drpipe-state.json"} <= set(objects(s3, url)):
+            assert time.time() < deadline and run.poll() is None, "no lease seen"
+            time.sleep(0.02)
+        other = json.dumps(dict(STALE, expires=time.time() + 600)).encode()
+        s3.pipe_file(f"{url}/.drpipe.lease", other)
+        _, err = run.communicate(timeout=300)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 1 and err.count("\n") == 1, err
+    assert f"lost the lease {url}/.drpipe.lease to another run" in err
+    left = objects(s3, url)
+    assert not any(n.endswith(".tfrecord") for n in left) and "dataset_info.json" not in left
+    assert s3.cat_file(f"{url}/.drpipe.lease") == other
