@@ -203,20 +203,25 @@ class Lease:
         return self
 
     def _renew(self) -> None:
+        renewed = time.time()
         while not self._stop.wait(self.ttl / 3):
-            if self._conditional:
-                try:
-                    if not self._write(IfMatch=self.etag):
-                        self.lost = True  # replaced or deleted by another writer
-                        return
-                except OSError:
-                    continue  # the store did not answer: try again at the next renewal
-            else:
-                holder = self._holder()
-                if not holder or holder.get("token") != self.token:
-                    self.lost = True
-                    return
-                self.fs.pipe_file(self.path, self._body())
+            try:
+                if self._conditional:
+                    held = self._write(IfMatch=self.etag)  # False: replaced or deleted
+                else:
+                    holder = self._holder()
+                    held = bool(holder) and holder.get("token") == self.token
+                    if held:
+                        self.fs.pipe_file(self.path, self._body())
+            except Exception:  # noqa: BLE001 - the store did not answer: try again, until
+                # the lease would have expired without a renewal; then another run may hold it
+                if time.time() - renewed < self.ttl * 0.9:
+                    continue
+                held = False
+            if not held:
+                self.lost = True
+                return
+            renewed = time.time()
 
     def check(self) -> None:
         if self.lost:

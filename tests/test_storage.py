@@ -519,6 +519,29 @@ def test_a_held_lease_is_renewed_and_a_replaced_one_lost(s3, monkeypatch):
     assert s3.cat_file(path) == other.encode()  # not renewed over, not deleted
 
 
+def test_a_lease_the_store_stops_renewing_is_given_up_before_it_expires(s3, monkeypatch):
+    """Renewals that fail (the store does not answer) are retried; once the lease could
+    have expired without one, another run may hold it: the holder counts it lost."""
+    from pipeline.remote_out import Lease
+
+    monkeypatch.setenv("DRPIPE_LEASE_TTL", "0.9")
+    path = "s3://bkt/unanswered/.drpipe.lease"
+    lease = Lease(s3, path).__enter__()
+    try:
+        def no_answer(**condition):
+            raise OSError("the store did not answer")
+
+        t0 = time.time()
+        lease._write = no_answer
+        while not lease.lost:
+            assert time.time() - t0 < 10, "never given up"
+            time.sleep(0.02)
+        assert time.time() - t0 < 0.9 + 0.05  # before the expiry the store holds
+    finally:
+        del lease._write
+        lease.__exit__(None, None, None)
+
+
 def test_a_run_that_loses_its_lease_writes_nothing_more(s3, raw_url):
     """Another writer replaces a running preprocess's lease while it processes: at its next
     renewal the run knows, uploads no shard and no marker, exits 1 in one line and leaves
