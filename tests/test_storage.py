@@ -567,3 +567,26 @@ def test_a_run_that_loses_its_lease_writes_nothing_more(s3, raw_url):
     left = objects(s3, url)
     assert not any(n.endswith(".tfrecord") for n in left) and "dataset_info.json" not in left
     assert s3.cat_file(f"{url}/.drpipe.lease") == other
+
+
+@pytest.mark.slow
+def test_train_and_evaluate_from_a_store_output(s3, raw_url, local_run, tmp_path):
+    """drpipe train --data s3://…: the shards staged to the local cache (verified), then a
+    real training run on them; evaluate reads the same staged copy."""
+    url = "s3://bkt/out1"
+    if "dataset_info.json" not in objects(s3, url):
+        preprocess("--src", raw_url, "--out", url, *SETTINGS)
+    run = tmp_path / "run"
+    r = subprocess.run([DRPIPE, "train", "--data", url, "--model", "resnetv2-small",
+                        "--image-size", "128", "--epochs", "1", "--batch-size", "8",
+                        "--out", str(run)], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = Path(json.loads((run / "config.json").read_text())["data"])
+    assert data.is_relative_to(os.environ["DRPIPE_CACHE"])  # the staged copy
+    assert digest(data) == digest(local_run)  # shards and manifests as the local run's
+    assert (run / "model.keras").exists() and len(
+        list(open(run / "history.csv"))) == 2  # header + 1 epoch
+    r = subprocess.run([DRPIPE, "evaluate", str(run), "--split", "val"], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0 and "quadratic kappa" in r.stdout, r.stderr[-2000:]
+    assert SECRET not in (run / "config.json").read_text()
