@@ -99,7 +99,12 @@ def read_photo(path, max_bytes: int | None = DEFAULT_MAX_BYTES) -> bytes | Rejec
     """A photo's bytes, or why they cannot be had. Only regular files are read: a FIFO or
     device named like a photo would block the reader forever; a file over ``max_bytes`` is
     rejected ``too_large`` from its size, before a byte is read (it could take a worker's
-    memory)."""
+    memory). A store URL is one object read by GET (``too_large`` from its size first)."""
+    if "://" in str(path) and not str(path).startswith("file://"):
+        from pipeline.remote_source import StoreReader  # deferred: fsspec
+
+        base, name = str(path).rsplit("/", 1)
+        return StoreReader(base).read(name, max_bytes)
     try:
         st = os.stat(path)  # follows symlinks: a broken one fails here
         if not stat.S_ISREG(st.st_mode):

@@ -184,17 +184,45 @@ def _parse_grade(raw: str) -> int | None:
     return int(value)
 
 
-def expand_photo_paths(sources) -> list[Path]:
+def expand_photo_paths(sources) -> list:
     """Files and folders (searched recursively, in name order, hidden entries skipped) ->
-    photo paths. Named files are kept whatever their suffix: the reader judges them."""
-    files: list[Path] = []
-    for s in map(Path, sources):
+    photo paths. Named files are kept whatever their suffix: the reader judges them.
+    A store URL (``s3://bucket/photos``) is a folder the same way, its photos' URLs kept as
+    strings, or one object; a prefix that holds nothing gives nothing."""
+    from pipeline import storage
+
+    files: list = []
+    for s in sources:
+        if storage.is_url(s):
+            files += _store_photos(str(s).rstrip("/"))
+            continue
+        s = Path(s)
         if s.is_dir():
             files += sorted(p for p in s.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
                             and not any(part.startswith(".") for part in p.relative_to(s).parts))
         else:
             files.append(s)
     return files
+
+
+def _store_photos(url: str) -> list[str]:
+    from pipeline import storage
+
+    found = storage.walk(url)
+    if found:
+        return [storage.join(url, rel) for rel in sorted(found)
+                if os.path.splitext(rel)[1].lower() in IMAGE_SUFFIXES
+                and not any(part.startswith(".") for part in rel.split("/"))]
+    try:
+        storage.size(url)
+    except FileNotFoundError:
+        return []
+    return [url]  # the URL of one object
+
+
+def photo_id(path) -> str:
+    """The id of a photo from its path or URL: its file name without the suffix."""
+    return os.path.splitext(str(path).rstrip("/").rsplit("/", 1)[-1])[0]
 
 
 def grade_folders(src, photos_in) -> tuple[dict, list[LabelRow]]:

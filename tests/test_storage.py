@@ -4,6 +4,7 @@ see only the store."""
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -570,9 +571,10 @@ def test_a_run_that_loses_its_lease_writes_nothing_more(s3, raw_url):
 
 
 @pytest.mark.slow
-def test_train_and_evaluate_from_a_store_output(s3, raw_url, local_run, tmp_path):
+def test_train_evaluate_predict_with_a_store(s3, raw_url, local_run, sample_dir, tmp_path):
     """drpipe train --data s3://…: the shards staged to the local cache (verified), then a
-    real training run on them; evaluate reads the same staged copy."""
+    real training run on them; evaluate reads the same staged copy; predict --src s3://…
+    grades photos in the store as the same photos on disk."""
     url = "s3://bkt/out1"
     if "dataset_info.json" not in objects(s3, url):
         preprocess("--src", raw_url, "--out", url, *SETTINGS)
@@ -590,3 +592,29 @@ def test_train_and_evaluate_from_a_store_output(s3, raw_url, local_run, tmp_path
                        text=True, timeout=600)
     assert r.returncode == 0 and "quadratic kappa" in r.stdout, r.stderr[-2000:]
     assert SECRET not in (run / "config.json").read_text()
+
+    local = tmp_path / "photos"
+    (local / "more").mkdir(parents=True)
+    for p in sorted((sample_dir / "train").glob("*.jpeg"))[:3]:
+        shutil.copy(p, local / "more" / p.name)
+    (local / "broken.jpeg").write_bytes(b"<html>502</html>")
+    (local / ".hidden.jpeg").write_bytes(b"")
+    s3.put(str(local) + "/", "bkt/photos/", recursive=True)
+    rows = {}
+    for src in (str(local), "s3://bkt/photos/"):
+        csv_path = tmp_path / f"preds-{len(rows)}.csv"
+        r = subprocess.run([DRPIPE, "predict", str(run), "--src", src, "--out", str(csv_path)],
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        got = list(csv.DictReader(open(csv_path)))
+        rows[src] = got
+    local_rows, store_rows = rows.values()
+    assert sorted(r["path"] for r in store_rows) == ["s3://bkt/photos/broken.jpeg"] + [
+        f"s3://bkt/photos/more/{p.name}" for p in sorted((local / "more").glob("*.jpeg"))]
+    strip = [{k: v for k, v in r.items() if k != "path"} for r in local_rows]
+    assert strip == [{k: v for k, v in r.items() if k != "path"} for r in store_rows]
+    assert [r["status"] for r in store_rows].count("ok") == 3
+    r = subprocess.run([DRPIPE, "predict", str(run), "--src", "s3://bkt/no-such-prefix",
+                        "--out", str(tmp_path / "none.csv")], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and "no photos found in s3://bkt/no-such-prefix" in r.stderr

@@ -22,7 +22,7 @@ import numpy as np
 
 from pipeline.outputs import csv_cell
 from pipeline.process import Rejection
-from pipeline.sources import expand_photo_paths
+from pipeline.sources import expand_photo_paths, photo_id
 from tfrecord_writer.schema import N_GRADES, REFERABLE_MIN_GRADE
 from tfrecord_writer.writer import atomic_write_bytes
 from training import runs
@@ -46,7 +46,7 @@ class Prediction:
     quality: str = ""  # good | usable | reject
 
     @classmethod
-    def rejected(cls, path: Path, image_id: str, reason: str, quality=None) -> Prediction:
+    def rejected(cls, path: Path | str, image_id: str, reason: str, quality=None) -> Prediction:
         return dataclasses.replace(cls(image_id, str(path), "rejected", reason, None, None,
                                        None, None), **_quality_fields(quality))
 
@@ -57,7 +57,7 @@ def _quality_fields(quality) -> dict:
     return {"quality_score": float(quality.score), "quality": quality.verdict}
 
 
-def graded(path: Path, image_id: str, task: str, y: np.ndarray, grade: int,
+def graded(path: Path | str, image_id: str, task: str, y: np.ndarray, grade: int,
            quality=None) -> Prediction:
     """The prediction for one photo from the model's output ``y`` and its decided grade
     (``quality``: the photo's pipeline.quality.Quality, reported beside it)."""
@@ -96,7 +96,7 @@ def predict_photos(run: str | Path, sources, checkpoint: str = "final",
     cuts = runs.recorded_cuts(run) if cfg.task == "regression" else None
 
     out: list[Prediction] = []
-    pending: list[tuple[Path, np.ndarray, object]] = []
+    pending: list[tuple[Path | str, np.ndarray, object]] = []
 
     def flush():
         if not pending:
@@ -104,13 +104,13 @@ def predict_photos(run: str | Path, sources, checkpoint: str = "final",
         y = np.asarray(model(np.stack([img for _, img, _ in pending])), np.float32)
         for (path, _, q), row, grade in zip(pending, y, decide(cfg.task, y, cuts),
                                             strict=True):
-            out.append(graded(path, path.stem, cfg.task, row, grade, q))
+            out.append(graded(path, photo_id(path), cfg.task, row, grade, q))
         pending.clear()
 
     for path in expand_photo_paths(sources):
         result = to_input(path)
         if isinstance(result, Rejection):
-            out.append(Prediction.rejected(path, path.stem, str(result), result.quality))
+            out.append(Prediction.rejected(path, photo_id(path), str(result), result.quality))
         else:
             pending.append((path, *result))
             if len(pending) == batch_size:
