@@ -28,6 +28,7 @@ from drpipe import __version__
 from drpipe.options import (
     config_option,
     local_file_or_url,
+    local_paths_or_urls,
     min_quality_score,
     process_config,
     process_options,
@@ -595,23 +596,10 @@ def evaluate(run, data, split, checkpoint, min_quality):
     click.echo(metrics_line(r, run))
 
 
-def _photo_sources(ctx, param, values):
-    """predict --src: local files and folders (which must exist) and store URLs."""
-    out = []
-    for v in values:
-        if storage.is_url(v):
-            out.append(v)
-        elif not os.path.exists(v):
-            raise click.BadParameter(f"Path {v!r} does not exist.")
-        else:
-            out.append(Path(v))
-    return tuple(out)
-
-
 @main.command()
 @click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @storage_option()
-@click.option("--src", "sources", multiple=True, required=True, callback=_photo_sources,
+@click.option("--src", "sources", multiple=True, required=True, callback=local_paths_or_urls,
               help="A photo or a folder of photos, or a store URL of either "
                    "(s3://bucket/photos); repeatable.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default="preds.csv",

@@ -83,6 +83,19 @@ def local_file_or_url(ctx, param, value):
     return value
 
 
+def local_paths_or_urls(ctx, param, values):
+    """Local files or folders that must exist (as Paths), and store URLs (as given)."""
+    out = []
+    for v in values:
+        if storage.is_url(v):
+            out.append(v)
+        elif not Path(v).exists():
+            raise click.BadParameter(f"Path {v!r} does not exist.", ctx, param)
+        else:
+            out.append(Path(v))
+    return tuple(out)
+
+
 def key_value_pairs(ctx, param, values) -> dict:
     """KEY=VALUE pairs; a value that parses as JSON (true, 5, {...}) is taken as such."""
     out = {}

@@ -700,7 +700,8 @@ def _process_batches(batches, todo, root, config, opts, staging, progress_factor
 #   (docs/BENCHMARKS.md). A 32 MiB mmap threshold (glibc's own dynamic maximum) lets those
 #   buffers come from the heap; a 32 MiB trim threshold keeps the freed top of the heap for
 #   the next photo instead of handing it back after each one (with 64 KB, 1,330 page faults
-#   and ~2.5 ms CPU per photo more than the bare loop; a worker holds at most 32 MiB more).
+#   and ~2.5 ms CPU per photo more than the bare loop; at most 32 MiB more per malloc arena,
+#   137 MB peak either way on the sample).
 # - Dask's statistical profiler (a stack sample every 10 ms) and its 20 ms event-loop tick
 #   take the GIL from the task thread; on a loaded machine every hand-over waits for a time
 #   slice (1 worker: 0.52 -> 0.69 of the bare loop with the profiler off, interleaved runs).

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline import decode as dec
+from pipeline import storage
 from pipeline.encode import encode
 from pipeline.filters import FilterParams, get_filter
 from pipeline.quality import Quality, assess
@@ -100,7 +101,7 @@ def read_photo(path, max_bytes: int | None = DEFAULT_MAX_BYTES) -> bytes | Rejec
     device named like a photo would block the reader forever; a file over ``max_bytes`` is
     rejected ``too_large`` from its size, before a byte is read (it could take a worker's
     memory). A store URL is one object read by GET (``too_large`` from its size first)."""
-    if "://" in str(path) and not str(path).startswith("file://"):
+    if storage.is_url(path):
         from pipeline.remote_source import StoreReader  # deferred: fsspec
 
         base, name = str(path).rsplit("/", 1)

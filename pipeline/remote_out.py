@@ -87,30 +87,39 @@ class Lease:
     """An object that says who writes to ``--out``: created only if absent, renewed every
     third of its time to live, deleted at the end.
 
-    What is guaranteed where. On S3 (s3fs) every write of the lease is conditional, so the
-    store itself decides between racers: the create (``If-None-Match: *``), a takeover of a
-    stale lease (``If-Match`` the ETag that came with the body judged stale, in one GET), a
-    renewal (``If-Match`` this run's last ETag) and the delete at the end (the same). Of two
-    runs taking over one stale lease exactly one holds it, the other is refused (exit 75);
-    a holder whose lease was replaced learns it at its next renewal (412) and writes
-    nothing more. On other fsspec stores the create is as exclusive as the store's ``"xb"``
-    (local files: ``O_EXCL``), but a takeover is a delete then that create and a renewal a
-    plain write after reading the token back: two runs taking over one stale lease can both
-    believe they hold it until the next renewal, when all but one see the token changed."""
+    What is guaranteed where. Every renewal reads the lease back and goes on only if it
+    still holds this run's token. On stores that honour S3's conditional writes (AWS S3,
+    and the S3 API of moto, MinIO, ...; reached through s3fs) each write is also
+    conditional, so the store itself decides between racers: the create
+    (``If-None-Match: *``), a takeover of a stale lease (``If-Match`` the ETag that came
+    with the body judged stale, in one GET), a renewal (``If-Match`` the ETag of the
+    version just read back) and the delete at the end (the same). Of two runs taking over
+    one stale lease exactly one holds it, the other is refused (exit 75). A store that
+    answers a conditional write with "not implemented" is used as the others are. On the
+    others (gcsfs, local files, ...) the create is as exclusive as the store's ``"xb"``
+    (GCS: ``ifGenerationMatch=0``; local files: ``O_EXCL``), but a takeover is a delete
+    then that create: two runs taking over one stale lease can both believe they hold it
+    until the next renewal, when all but one see the token changed.
+
+    Whatever the store: a run counts its lease lost when a renewal finds another token, or
+    when a tenth of the time to live is left on the last expiry it wrote (renewals that
+    fail or hang); :meth:`check` then refuses, and every write to ``--out`` checks first."""
 
     def __init__(self, fs, path: str, ttl: float | None = None):
         self.fs, self.path = fs, path
         self.ttl = lease_ttl() if ttl is None else ttl
         self.token = uuid.uuid4().hex
         self.lost = False
+        self.valid_until = 0.0  # the expiry of the last version this run wrote
         self.etag = None  # of the version this run last wrote (S3)
         self._conditional = hasattr(fs, "_call_s3")  # s3fs: conditional PUTs on the ETag
         self._stop = threading.Event()
         self._thread = None
 
-    def _body(self) -> bytes:
+    def _body(self) -> tuple[bytes, float]:
+        expires = time.time() + self.ttl
         return json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                           "expires": time.time() + self.ttl, "token": self.token}).encode()
+                           "expires": expires, "token": self.token}).encode(), expires
 
     def _s3(self, method: str, **kwargs):
         """One S3 call; ``None`` when its condition failed (412, 409, or no such key)."""
@@ -121,10 +130,8 @@ class Lease:
         async def call():
             resp = await self.fs._call_s3(method, Bucket=bucket, Key=key, **kwargs)
             if method == "get_object":
-                try:
-                    return await resp["Body"].read(), resp.get("ETag")
-                finally:
-                    resp["Body"].close()
+                async with resp["Body"] as body:
+                    return await body.read(), resp.get("ETag")
             return resp
 
         try:
@@ -132,28 +139,35 @@ class Lease:
         except (FileExistsError, FileNotFoundError):
             return None
         except OSError as e:
-            code = getattr(e.__cause__, "response", {}).get("Error", {}).get("Code")
+            code = str(getattr(e.__cause__, "response", {}).get("Error", {}).get("Code"))
             if code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
                 return None
+            if code in ("NotImplemented", "501") and kwargs.keys() & {"IfMatch", "IfNoneMatch"}:
+                self._conditional = False  # a store without conditional writes
+                raise _Unconditional() from None
             raise
 
     def _write(self, **condition) -> bool:
         """Write this run's lease under ``condition``; False if another run's write won."""
+        body, expires = self._body()
         if self._conditional:
-            resp = self._s3("put_object", Body=self._body(), **condition)
+            try:
+                resp = self._s3("put_object", Body=body, **condition)
+            except _Unconditional:
+                return self._write(**condition)
             if resp is None:
                 return False
             self.etag = resp.get("ETag")
             self.fs.invalidate_cache(self.path)
-            return True
-        if condition.get("IfNoneMatch") == "*":
+        elif condition.get("IfNoneMatch") == "*":
             try:
                 with self.fs.open(self.path, "xb") as f:
-                    f.write(self._body())
-                return True
+                    f.write(body)
             except FileExistsError:
                 return False
-        self.fs.pipe_file(self.path, self._body())
+        else:
+            self.fs.pipe_file(self.path, body)
+        self.valid_until = expires
         return True
 
     def _create(self) -> bool:
@@ -183,9 +197,12 @@ class Lease:
 
     def _take_over(self, etag: str | None) -> bool:
         """Replace the stale lease read with ``etag``: only if it is still that version."""
-        if self._conditional:
-            return self._write(IfMatch=etag) if etag else self._create()
-        self.fs.rm(self.path)
+        if self._conditional and etag:
+            return self._write(IfMatch=etag)
+        try:
+            self.fs.rm(self.path)
+        except FileNotFoundError:
+            pass  # another run removed it first: the create below decides
         return self._create()
 
     def __enter__(self):
@@ -202,29 +219,39 @@ class Lease:
         self._thread.start()
         return self
 
+    def _renew_once(self) -> bool:
+        """Read the lease back and, if it is still this run's, write it again (on S3 only
+        if it is still the version read). False: another run holds it."""
+        holder, etag = self._read()
+        if not holder or holder.get("token") != self.token:
+            return False
+        if self._conditional and etag:
+            return self._write(IfMatch=etag)  # the version read, even one whose reply was lost
+        return self._write()
+
+    def _margin(self) -> float:
+        return self.ttl / 10
+
     def _renew(self) -> None:
-        renewed = time.time()
-        while not self._stop.wait(self.ttl / 3):
+        pause = self.ttl / 3
+        left = lambda: self.valid_until - self._margin() - time.time()  # noqa: E731
+        while not self._stop.wait(max(0.0, min(pause, left()))):
             try:
-                if self._conditional:
-                    held = self._write(IfMatch=self.etag)  # False: replaced or deleted
-                else:
-                    holder = self._holder()
-                    held = bool(holder) and holder.get("token") == self.token
-                    if held:
-                        self.fs.pipe_file(self.path, self._body())
-            except Exception:  # noqa: BLE001 - the store did not answer: try again, until
-                # the lease would have expired without a renewal; then another run may hold it
-                if time.time() - renewed < self.ttl * 0.9:
-                    continue
-                held = False
+                held = self._renew_once()
+            except Exception:  # noqa: BLE001 - the store did not answer: retry soon, until
+                if left() <= 0:  # the last expiry written is a margin away (then another
+                    self.lost = True  # run may take the lease over)
+                    return
+                pause = min(1.0, self.ttl / 30)
+                continue
             if not held:
-                self.lost = True
+                self.lost = True  # another run holds it
                 return
-            renewed = time.time()
+            pause = self.ttl / 3
 
     def check(self) -> None:
-        if self.lost:
+        if self.lost or time.time() >= self.valid_until - self._margin():
+            self.lost = True
             raise JobError(f"lost the lease {self.path} to another run; nothing more is "
                            "written, re-run to resume")
 
@@ -232,18 +259,27 @@ class Lease:
         self._stop.set()
         if self._thread:
             self._thread.join(timeout=10)
-        if self._conditional:
-            if self.lost or not self.etag:
+        try:
+            if self.lost:
                 return
-            try:
-                self._s3("delete_object", IfMatch=self.etag)  # only our own version
-                self.fs.invalidate_cache(self.path)
-                return
-            except OSError:
-                pass  # a store without conditional deletes: by the token, as below
-        holder = self._holder()
-        if holder and holder.get("token") == self.token:
-            self.fs.rm(self.path)
+            if self._conditional and self.etag:
+                try:
+                    if self._s3("delete_object", IfMatch=self.etag) is not None:
+                        self.fs.invalidate_cache(self.path)
+                        return
+                except _Unconditional:
+                    pass
+                except OSError:
+                    pass  # a store without conditional deletes: by the token, as below
+            holder = self._holder()
+            if holder and holder.get("token") == self.token:
+                self.fs.rm(self.path)
+        except Exception:  # noqa: BLE001 - never hide the run's own outcome; the lease
+            pass  # expires by itself
+
+
+class _Unconditional(Exception):
+    """The store answered a conditional write with 'not implemented'."""
 
 
 def _stale(holder: dict) -> bool:
@@ -417,6 +453,7 @@ def _upload(fs, local: Path, url: str, lease: Lease, state: dict, recorded: set[
     planned = {p.name for p in shards}
     # Every shard this output may hold is recorded before it is uploaded: a re-run after a
     # kill knows them from foreign ones.
+    lease.check()
     _write_state(fs, url, state, planned | recorded)
     remote = _objects(fs, url)
     for p in shards:
@@ -425,15 +462,19 @@ def _upload(fs, local: Path, url: str, lease: Lease, state: dict, recorded: set[
             fs.put_file(str(p), f"{url}/{p.name}")  # whole, or not at all
     for n in remote:
         if n in recorded and n not in planned:
+            lease.check()
             fs.rm(f"{url}/{n}")  # a shard of this output's earlier, interrupted plan
+    lease.check()
     _write_state(fs, url, state, planned)
     sums = "".join(f"{file_sha256(p)}  {p.name}\n" for p in shards)
+    lease.check()
     fs.pipe_file(f"{url}/{SUMS}", sums.encode())
     # The manifest and the info files (TFDS's features.json, drpipe_info.json, ...), then
     # the completion marker.
     for name in ("data_manifest.csv", "manifest.parquet",
                  *(f for f in output_info.FILES if f != job.INFO_FILE)):
         if (local / name).exists():
+            lease.check()
             fs.put_file(str(local / name), f"{url}/{name}")
     lease.check()
     fs.put_file(str(local / job.INFO_FILE), f"{url}/{job.INFO_FILE}")  # the marker, last

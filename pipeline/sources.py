@@ -210,7 +210,7 @@ def _store_photos(url: str) -> list[str]:
 
     found = storage.walk(url)
     if found:
-        return [storage.join(url, rel) for rel in sorted(found)
+        return [storage.join(url, rel) for rel in sorted(found, key=lambda r: r.split("/"))
                 if os.path.splitext(rel)[1].lower() in IMAGE_SUFFIXES
                 and not any(part.startswith(".") for part in rel.split("/"))]
     try:

@@ -505,8 +505,8 @@ def test_a_held_lease_is_renewed_and_a_replaced_one_lost(s3, monkeypatch):
             time.sleep(0.05)
         assert not lease.lost and json.loads(s3.cat_file(path))["token"] == lease.token
         lease.check()
-        other = json.dumps(dict(STALE, expires=time.time() + 600, token=first["token"]))
-        s3.pipe_file(path, other.encode())  # a takeover, even one that copied the token
+        other = json.dumps(dict(STALE, expires=time.time() + 600, token="another-run"))
+        s3.pipe_file(path, other.encode())  # another run's takeover
         deadline = time.time() + 10
         while not lease.lost:
             assert time.time() < deadline, "never noticed"
@@ -521,26 +521,39 @@ def test_a_held_lease_is_renewed_and_a_replaced_one_lost(s3, monkeypatch):
 
 
 def test_a_lease_the_store_stops_renewing_is_given_up_before_it_expires(s3, monkeypatch):
-    """Renewals that fail (the store does not answer) are retried; once the lease could
-    have expired without one, another run may hold it: the holder counts it lost."""
+    """Renewals that fail (the store does not answer) are retried; a tenth of the time to
+    live before the expiry last written, the holder counts the lease lost. One that hangs
+    does not delay it: check() refuses by the clock."""
+    from pipeline.job import JobError
     from pipeline.remote_out import Lease
 
-    monkeypatch.setenv("DRPIPE_LEASE_TTL", "0.9")
-    path = "s3://bkt/unanswered/.drpipe.lease"
-    lease = Lease(s3, path).__enter__()
-    try:
-        def no_answer(**condition):
-            raise OSError("the store did not answer")
+    monkeypatch.setenv("DRPIPE_LEASE_TTL", "1.5")
+    for how in ("fails", "hangs"):
+        path = f"s3://bkt/unanswered-{how}/.drpipe.lease"
+        lease = Lease(s3, path).__enter__()
+        try:
+            expires = json.loads(s3.cat_file(path))["expires"]
 
-        t0 = time.time()
-        lease._write = no_answer
-        while not lease.lost:
-            assert time.time() - t0 < 10, "never given up"
-            time.sleep(0.02)
-        assert time.time() - t0 < 0.9 + 0.05  # before the expiry the store holds
-    finally:
-        del lease._write
-        lease.__exit__(None, None, None)
+            def no_answer(how=how, **condition):
+                if how == "hangs":
+                    time.sleep(30)
+                raise OSError("the store did not answer")
+
+            lease._write = no_answer
+            while True:
+                try:
+                    lease.check()
+                except JobError:
+                    break
+                assert time.time() < expires + 5, "never given up"
+                time.sleep(0.01)
+            assert time.time() < expires  # before the store's copy expires
+            assert lease.lost
+        finally:
+            del lease._write
+            lease._stop.set()
+            lease._thread = None  # a hung renewal is not waited for
+            lease.__exit__(None, None, None)
 
 
 def test_a_run_that_loses_its_lease_writes_nothing_more(s3, raw_url):
@@ -618,3 +631,45 @@ def test_train_evaluate_predict_with_a_store(s3, raw_url, local_run, sample_dir,
                         "--out", str(tmp_path / "none.csv")], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 2 and "no photos found in s3://bkt/no-such-prefix" in r.stderr
+
+
+def test_the_lease_on_a_store_without_conditional_writes():
+    """fsspec's memory:// store (no ETags): the exclusive create refuses a second run, a
+    stale lease is taken over (also when another run removed it first), renewal reads the
+    token back and a replaced lease is lost."""
+    import fsspec
+
+    from pipeline.remote_out import Lease, LockHeld
+
+    fs = fsspec.filesystem("memory")
+    path = "memory://lease-test/.drpipe.lease"
+    first = Lease(fs, path, ttl=0.6).__enter__()
+    assert not first._conditional
+    with pytest.raises(LockHeld):
+        Lease(fs, path, ttl=0.6).__enter__()
+    deadline = time.time() + 10
+    while json.loads(fs.cat_file(path))["expires"] < first.valid_until - 0.6 + 0.1:
+        assert time.time() < deadline, "never renewed"
+        time.sleep(0.02)
+    other = dict(STALE, expires=time.time() - 1, token="another-run")  # replaced, expired
+    fs.pipe_file(path, json.dumps(other).encode())
+    while not first.lost:
+        assert time.time() < deadline, "never noticed"
+        time.sleep(0.02)
+    first.__exit__(None, None, None)
+    assert json.loads(fs.cat_file(path))["token"] == "another-run"  # left as it is
+    stale = Lease(fs, path, ttl=0.6)
+    real_rm = fs.rm
+
+    def removed_first(p, *a, **kw):  # another run removes the stale lease just before
+        real_rm(p, *a, **kw)
+        raise FileNotFoundError(p)
+
+    fs.rm = removed_first
+    try:
+        stale.__enter__()
+    finally:
+        fs.rm = real_rm
+    assert json.loads(fs.cat_file(path))["token"] == stale.token
+    stale.__exit__(None, None, None)
+    assert not fs.exists(path)
