@@ -31,7 +31,9 @@ each verified by size and SHA-256 (``SHA256SUMS``), and read them from there.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -319,7 +321,7 @@ def run_to_store(config, opts, progress_factory=None) -> dict:
 def _run_to_store(config, opts, progress_factory, url: str) -> dict:
     fs = storage.filesystem(url)
     check_store(fs, url)
-    with Lease(fs, f"{url}/{LEASE}") as lease:
+    with _staging_lock(url), Lease(fs, f"{url}/{LEASE}") as lease:
         state = _expected_state(config)
         names = _objects(fs, url)
         old = _read_json(fs, f"{url}/{job.STATE_FILE}") if job.STATE_FILE in names else None
@@ -365,6 +367,26 @@ def _run_to_store(config, opts, progress_factory, url: str) -> dict:
         _upload(fs, local, url, lease, state, recorded)
     shutil.rmtree(local, ignore_errors=True)
     return summary
+
+
+@contextlib.contextmanager
+def _staging_lock(url: str):
+    """This machine's staging of ``url`` (``$DRPIPE_CACHE/out/<hash>/``), locked for the run
+    by a ``flock`` on a file beside it (the folder itself may be cleared). A run of this
+    host still alive holds it, even one whose lease in the store has expired (stopped,
+    suspended): another run must not clear or fill the staging under it."""
+    folder = cache_dir() / "out"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{_url_key(url)}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "r+b") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LockHeld(f"another drpipe run on this machine is writing to {url} (its "
+                           f"staging {folder / _url_key(url)} is in use); wait for it or "
+                           "choose another --out") from None
+        yield  # the lock goes with the file's close, or with the process
 
 
 def _expected_state(config) -> dict:

@@ -673,3 +673,29 @@ def test_the_lease_on_a_store_without_conditional_writes():
     assert json.loads(fs.cat_file(path))["token"] == stale.token
     stale.__exit__(None, None, None)
     assert not fs.exists(path)
+
+
+def test_a_live_run_of_this_machine_keeps_its_staging(s3, raw_url, tmp_path):
+    """The store's lease may have expired under a run that is alive but stopped (Ctrl-Z,
+    a suspended VM): another run on the machine must not clear or fill the staging folder
+    that run writes to. It is refused (exit 75) before touching the store or the staging;
+    once the folder is free the same command runs."""
+    import fcntl
+
+    from pipeline.remote_out import _url_key, cache_dir
+
+    url = "s3://bkt/out-staging"
+    staging = cache_dir() / "out" / _url_key(url)
+    (staging / ".staging").mkdir(parents=True)
+    (staging / ".staging" / "batch-of-the-live-run").write_bytes(b"x")
+    with open(cache_dir() / "out" / f"{_url_key(url)}.lock", "a+b") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # the live run's lock
+        r = subprocess.run([DRPIPE, "preprocess", "--src", raw_url, "--out", url, "--overwrite",
+                            *map(str, SETTINGS)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 75 and r.stderr.count("\n") == 1, r.stderr
+    assert "another drpipe run on this machine is writing to " + url in r.stderr
+    assert (staging / ".staging" / "batch-of-the-live-run").exists()  # not cleared
+    assert objects(s3, url) == {}  # nothing written to the store, no lease taken
+    r = subprocess.run([DRPIPE, "preprocess", "--src", raw_url, "--out", url, "--overwrite",
+                        *map(str, SETTINGS)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
