@@ -596,13 +596,21 @@ def evaluate(run, data, split, checkpoint, min_quality):
     click.echo(metrics_line(r, run))
 
 
+def _local_csv(ctx, param, value):
+    """predict --out: a local file (a store URL would be taken for a local path)."""
+    if "://" in str(value):
+        raise click.BadParameter(f"{value}: a local file (write it, then copy it to the "
+                                 "store)", ctx, param)
+    return Path(value)
+
+
 @main.command()
 @click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @storage_option()
 @click.option("--src", "sources", multiple=True, required=True, callback=local_paths_or_urls,
               help="A photo or a folder of photos, or a store URL of either "
                    "(s3://bucket/photos); repeatable.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default="preds.csv",
+@click.option("--out", callback=_local_csv, default="preds.csv", metavar="FILE",
               show_default=True, help="CSV: grade, per-grade and referable probabilities, "
                                       "rejected photos with their reasons (an existing file "
                                       "only if it is an earlier drpipe predictions CSV; else "

@@ -210,7 +210,7 @@ class Lease:
     def __enter__(self):
         if not self._create():
             holder, etag = self._read()
-            if holder is not None and not {"host", "pid", "expires", "token"} <= set(holder):
+            if holder is not None and not _is_lease(holder):
                 raise JobError(f"{self.path} is not a drpipe lease (another tool's object "
                                "of that name?); move it away or choose another --out")
             if holder is not None and not _stale(holder):
@@ -282,6 +282,13 @@ class Lease:
 
 class _Unconditional(Exception):
     """The store answered a conditional write with 'not implemented'."""
+
+
+def _is_lease(holder: dict) -> bool:
+    """A body drpipe writes: host, pid, a numeric expiry and a token."""
+    return ({"host", "pid", "expires", "token"} <= set(holder)
+            and isinstance(holder["expires"], (int, float))
+            and not isinstance(holder["expires"], bool))
 
 
 def _stale(holder: dict) -> bool:

@@ -631,6 +631,10 @@ def test_train_evaluate_predict_with_a_store(s3, raw_url, local_run, sample_dir,
                         "--out", str(tmp_path / "none.csv")], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 2 and "no photos found in s3://bkt/no-such-prefix" in r.stderr
+    r = subprocess.run([DRPIPE, "predict", str(run), "--src", "s3://bkt/photos/",
+                        "--out", "s3://bkt/preds.csv"], capture_output=True, text=True,
+                       timeout=300)  # refused before any photo is graded, nothing written
+    assert r.returncode == 2 and "a local file" in r.stderr and not Path("s3:").exists()
 
 
 def test_the_lease_on_a_store_without_conditional_writes():
@@ -699,3 +703,15 @@ def test_a_live_run_of_this_machine_keeps_its_staging(s3, raw_url, tmp_path):
     r = subprocess.run([DRPIPE, "preprocess", "--src", raw_url, "--out", url, "--overwrite",
                         *map(str, SETTINGS)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("body", [b'{"host": "vm", "pid": 1, "expires": "soon", "token": "x"}',
+                                  b"not json", b"[1, 2]"])
+def test_a_lease_object_drpipe_did_not_write_is_refused_and_kept(s3, raw_url, body):
+    url = "s3://bkt/out-foreign-lease"
+    s3.pipe_file(f"{url.removeprefix('s3://')}/.drpipe.lease", body)
+    r = subprocess.run([DRPIPE, "preprocess", "--src", raw_url, "--out", url,
+                        *map(str, SETTINGS)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert "is not a drpipe lease" in r.stderr
+    assert s3.cat_file(f"{url.removeprefix('s3://')}/.drpipe.lease") == body
