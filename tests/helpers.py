@@ -6,6 +6,7 @@ Fixtures every module may use are in conftest.py; these are imported by name.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -82,3 +83,25 @@ def synth_shards(d: Path, n: int, seed: int, size: int, split: str, *options,
     run("preprocess", "--src", d / "raw", "--out", d / "shards", "--size", size,
         "--split", split, *options, "--quiet", check=True)
     return d / "shards"
+
+
+@contextlib.contextmanager
+def environment(env: dict):
+    """``env`` set in os.environ (so subprocesses and Dask workers inherit it), restored
+    after."""
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        yield
+
+
+def download(fs, url: str, to: Path) -> Path:
+    """The files directly under a store URL (an output), downloaded into ``to``."""
+    to.mkdir(parents=True, exist_ok=True)
+    fs.invalidate_cache()
+    base = url.split("://", 1)[1].rstrip("/")
+    for key in fs.find(base):
+        rel = key[len(base) + 1:]
+        if rel and "/" not in rel:
+            (to / rel).write_bytes(fs.cat_file(key))
+    return to

@@ -22,7 +22,7 @@ os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 gcsfs = pytest.importorskip("gcsfs")
 emulator = pytest.importorskip("gcp_storage_emulator.server")
 
-from tests.helpers import digest, preprocess  # noqa: E402
+from tests.helpers import digest, download, environment, preprocess  # noqa: E402
 from tests.test_archive import SETTINGS as ARCHIVE_SETTINGS  # noqa: E402
 from tests.test_archive import make_zip, split_parts  # noqa: E402
 from tests.test_cli import DRPIPE  # noqa: E402
@@ -42,29 +42,13 @@ def gcs(tmp_path_factory):
     server.start()
     env = {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}",
            "DRPIPE_CACHE": str(tmp_path_factory.mktemp("cache"))}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    fs = gcsfs.GCSFileSystem(token="anon", project="test", skip_instance_cache=True)
-    fs.mkdir("bkt")
     try:
-        yield fs
+        with environment(env):
+            fs = gcsfs.GCSFileSystem(token="anon", project="test", skip_instance_cache=True)
+            fs.mkdir("bkt")
+            yield fs
     finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         server.stop()
-
-
-def download(fs, url: str, to: Path) -> Path:
-    to.mkdir(parents=True, exist_ok=True)
-    fs.invalidate_cache()
-    for key in fs.find(url.removeprefix("gs://")):
-        rel = key[len(url.removeprefix("gs://")) + 1:]
-        if "/" not in rel:
-            (to / rel).write_bytes(fs.cat_file(key))
-    return to
 
 
 @pytest.fixture(scope="module")

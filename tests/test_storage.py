@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import digest, preprocess
+from tests.helpers import digest, download, environment, preprocess
 from tests.reliability.helpers import kill_when, start
 from tests.test_cli import DRPIPE
 from tfrecord_writer.info import load_info
@@ -40,29 +40,13 @@ def s3(tmp_path_factory):
     env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
            "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
            "DRPIPE_CACHE": str(tmp_path_factory.mktemp("cache"))}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    fs = s3fs.S3FileSystem(skip_instance_cache=True)
-    fs.mkdir("bkt")
     try:
-        yield fs
+        with environment(env):
+            fs = s3fs.S3FileSystem(skip_instance_cache=True)
+            fs.mkdir("bkt")
+            yield fs
     finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         server.stop()
-
-
-def download(fs, url: str, to: Path) -> Path:
-    to.mkdir(parents=True, exist_ok=True)
-    fs.invalidate_cache()
-    for key in fs.ls(url.removeprefix("s3://")):
-        name = key.rsplit("/", 1)[-1]
-        if fs.isfile(key):
-            (to / name).write_bytes(fs.cat_file(key))
-    return to
 
 
 def objects(fs, url: str) -> dict[str, int]:
