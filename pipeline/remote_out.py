@@ -390,9 +390,14 @@ def _staging_lock(url: str):
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise LockHeld(f"another drpipe run on this machine is writing to {url} (its "
-                           f"staging {folder / _url_key(url)} is in use); wait for it or "
-                           "choose another --out") from None
+            pid = f.read(32).decode("ascii", "replace").strip() or "?"
+            raise LockHeld(f"another drpipe run is writing to {url} (host "
+                           f"{socket.gethostname()}, pid {pid}: its staging "
+                           f"{folder / _url_key(url)} on this machine is in use); wait for "
+                           "it or choose another --out") from None
+        f.truncate()
+        f.write(str(os.getpid()).encode())
+        f.flush()
         yield  # the lock goes with the file's close, or with the process
 
 

@@ -681,7 +681,8 @@ def test_a_live_run_of_this_machine_keeps_its_staging(s3, raw_url, tmp_path):
         r = subprocess.run([DRPIPE, "preprocess", "--src", raw_url, "--out", url, "--overwrite",
                             *map(str, SETTINGS)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 75 and r.stderr.count("\n") == 1, r.stderr
-    assert "another drpipe run on this machine is writing to " + url in r.stderr
+    assert f"another drpipe run is writing to {url} (host {socket.gethostname()}, pid " in (
+        r.stderr) and "on this machine is in use" in r.stderr
     assert (staging / ".staging" / "batch-of-the-live-run").exists()  # not cleared
     assert objects(s3, url) == {}  # nothing written to the store, no lease taken
     r = subprocess.run([DRPIPE, "preprocess", "--src", raw_url, "--out", url, "--overwrite",
