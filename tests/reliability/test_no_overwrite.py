@@ -121,8 +121,17 @@ def test_preprocess_drpipe_named_files_without_state_are_foreign(raw, tmp_path):
 def test_a_ctrl_c_while_the_cluster_starts_is_not_lost():
     code = textwrap.dedent("""
         import sys
+        import time
         import distributed  # imported first: the signal falls in the LocalCluster window
         from pipeline.job import RunOptions, _start_client
+        start = distributed.LocalCluster.__init__
+
+        def slow_start(self, *a, **kw):  # the window, made certain on a fast machine
+            print("window", flush=True)
+            time.sleep(1.0)
+            start(self, *a, **kw)
+
+        distributed.LocalCluster.__init__ = slow_start
         print("start", flush=True)
         try:
             client, cluster = _start_client(RunOptions(workers=1))
@@ -132,17 +141,17 @@ def test_a_ctrl_c_while_the_cluster_starts_is_not_lost():
             print("continued", flush=True)
             sys.exit(0)
         import signal
+        distributed.LocalCluster.__init__ = start
         client, cluster = _start_client(RunOptions(workers=1))  # workers ignore Ctrl-C
         print(set(client.run(lambda: signal.getsignal(signal.SIGINT)).values()), flush=True)
         client.close(); cluster.close()
     """)
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "start"
+    assert p.stdout.readline().strip() == "window"  # inside LocalCluster(...), SIGINT held
     import os
     import signal
-    import time
 
-    time.sleep(0.3)  # inside LocalCluster(...): workers take seconds to start
     os.kill(p.pid, signal.SIGINT)
     out, _ = p.communicate(timeout=120)
     assert out.split() == ["interrupted", "{<Handlers.SIG_IGN:", "1>}"], out
